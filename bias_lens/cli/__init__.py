@@ -1,0 +1,87 @@
+"""``bias-lens`` command line: a thin router over the library; every command has ``--json``.
+
+Each subcommand lives in its own module exposing ``register(subparsers)``; the router adds them
+in :data:`COMMANDS` order. Errors a user can fix (unknown model, empty prompt, a target not in the
+vocabulary, a bad option) exit with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+COMMANDS: tuple[str, ...] = ("probe", "run")
+
+
+class UsageError(Exception):
+    """A user-fixable problem; printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bias-lens",
+        description="Locate social bias inside language models, edit exactly those weights, export checkpoints.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"bias_lens.cli.{name.replace('-', '_')}").register(sub)
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from ..loading import ModelLoadError
+    from ..targets import TargetError
+
+    return (UsageError, ModelLoadError, TargetError, ValueError, KeyError, FileNotFoundError, FileExistsError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _quiet_third_party()
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"bias-lens {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bias-lens {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_third_party() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*deprecated.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers always present in practice
+        pass
+
+
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="embedded name, local HF folder, or cached hub id (default: smollm2-135m)")
+
+
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
