@@ -1,0 +1,113 @@
+"""The suite registry: ``load_split``, ``sample_prompts``, ``split_sizes``, ``to_jsonl``.
+
+Generated suites (GenBiasPro-CG, GenBiasEval, GenHintEval, DAMA, religion) are rebuilt at call
+time from the shipped sources with a seed (default 0) and cached; the same seed always gives the
+same samples in the same order (``to_jsonl`` bytes are tested to be identical). Published suites
+keep their own splits.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from collections.abc import Callable
+from functools import lru_cache
+
+from . import external, generated
+
+SUITES: tuple[str, ...] = (
+    "genbiaspro-cg", "genbiaseval", "genhinteval", "dama", "stereoset", "crows-pairs",
+    "winogender", "winobias", "retention",
+)
+EXTRA_SUITES: tuple[str, ...] = ("religion",)
+ALL_SUITES = SUITES + EXTRA_SUITES
+
+_GENERATED: dict[str, Callable[[int], dict[str, list[dict]]]] = {
+    "genbiaspro-cg": generated.build_genbiaspro_cg,
+    "genbiaseval": generated.build_genbiaseval,
+    "genhinteval": generated.build_genhinteval,
+    "dama": generated.build_dama,
+    "religion": generated.build_religion,
+}
+_SPLITS: dict[str, tuple[str, ...]] = {
+    **{s: ("train", "dev", "test") for s in _GENERATED},
+    "stereoset": ("dev", "test"),
+    "crows-pairs": ("test",),
+    "winogender": ("test",),
+    "winobias": ("dev", "test"),
+    "retention": ("test",),
+}
+_AXES: dict[str, tuple[str, ...]] = {
+    "stereoset": external.STEREOSET_AXES,
+    "crows-pairs": external.CROWS_AXES,
+}
+
+
+def check_suite(suite: str, split: str | None = None, axis: str = "gender") -> None:
+    """Raise ValueError naming the valid choices for an unknown suite, split or axis."""
+    if suite not in _SPLITS:
+        raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(ALL_SUITES)}")
+    if split is not None and split not in _SPLITS[suite]:
+        raise ValueError(f"suite {suite!r} has no split {split!r}; choose one of {', '.join(_SPLITS[suite])}")
+    if axis != "gender" and axis not in _AXES.get(suite, ()):
+        valid = ", ".join(_AXES.get(suite, ("gender",)))
+        raise ValueError(f"suite {suite!r} has no bias axis {axis!r}; choose one of {valid}")
+
+
+def splits_of(suite: str) -> tuple[str, ...]:
+    check_suite(suite)
+    return _SPLITS[suite]
+
+
+@lru_cache(maxsize=32)
+def _generated(suite: str, seed: int) -> dict[str, list[dict]]:
+    return _GENERATED[suite](seed)
+
+
+@lru_cache(maxsize=32)
+def _external(suite: str, split: str, axis: str) -> list[dict]:
+    if suite == "stereoset":
+        return external.stereoset(split, axis)
+    if suite == "crows-pairs":
+        return external.crows_pairs(axis)
+    if suite == "winogender":
+        return external.winogender()
+    if suite == "winobias":
+        return external.winobias(split)
+    return external.retention()
+
+
+def load_split(suite: str, split: str, *, seed: int = generated.DEFAULT_SEED, axis: str = "gender") -> list[dict]:
+    """The samples of one split: dicts with ``prompt`` plus the suite's metadata (a fresh copy).
+
+    ``seed`` re-draws the generated suites' splits; ``axis`` picks the bias type of StereoSet
+    (dev) and CrowS-Pairs.
+    """
+    check_suite(suite, split, axis)
+    rows = _generated(suite, int(seed))[split] if suite in _GENERATED else _external(suite, split, axis)
+    return copy.deepcopy(rows)
+
+
+def split_sizes(suite: str, *, seed: int = generated.DEFAULT_SEED, axis: str = "gender") -> dict[str, int]:
+    """Number of samples per split, e.g. ``{"train": 1280, "dev": 256, "test": 1024}``."""
+    check_suite(suite, None, axis)
+    if suite in _GENERATED:
+        return {k: len(v) for k, v in _generated(suite, int(seed)).items()}
+    return {sp: len(_external(suite, sp, axis)) for sp in _SPLITS[suite]}
+
+
+def sample_prompts(suite: str, split: str = "train", n: int = 200, seed: int = 0, *, axis: str = "gender") -> list[str]:
+    """``n`` prompts drawn without replacement with ``random.Random(seed)`` (all, in order, if n >= size)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    prompts = [s["prompt"] for s in load_split(suite, split, axis=axis)]
+    if n >= len(prompts):
+        return prompts
+    idx = sorted(random.Random(seed).sample(range(len(prompts)), n))
+    return [prompts[i] for i in idx]
+
+
+def to_jsonl(rows: list[dict]) -> bytes:
+    """Canonical JSON-lines bytes of samples (sorted keys, UTF-8): the byte-identity check and file format."""
+    return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")

@@ -1,0 +1,127 @@
+"""Published benchmarks as sample dicts: StereoSet, CrowS-Pairs, WinoGender, WinoBias, retention.
+
+These keep the datasets' own splits (no resampling); ``axis`` picks a bias type where the dataset
+has several (StereoSet dev: gender, race, religion, profession; CrowS-Pairs: its 9 bias types).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from . import sources
+
+STEREOSET_AXES = ("gender", "race", "religion", "profession")
+CROWS_AXES = (
+    "gender", "race-color", "religion", "socioeconomic", "nationality", "age",
+    "sexual-orientation", "physical-appearance", "disability", "all",
+)
+
+
+def stereoset(split: str, axis: str = "gender") -> list[dict]:
+    """``test``: BiasEdit's gender_test.json (253, gender only); ``dev``: EditBias dev.json for ``axis``."""
+    if split == "test":
+        if axis != "gender":
+            raise ValueError(f"StereoSet test is gender only; use split='dev' for axis {axis!r}")
+        return [
+            {"prompt": r["context"], "id": r["id"], "target": r["target"], "bias_type": r["bias_type"],
+             "stereotype": r["data"]["stereotype"]["sentence"],
+             "anti_stereotype": r["data"]["anti-stereotype"]["sentence"],
+             "unrelated": r["data"]["unrelated"]["sentence"]}
+            for r in sources.stereoset_gender_test()
+        ]
+    if axis not in STEREOSET_AXES:
+        raise ValueError(f"unknown StereoSet axis {axis!r}; choose one of {', '.join(STEREOSET_AXES)}")
+    out = []
+    for r in sources.stereoset_dev():
+        if r["bias_type"] != axis:
+            continue
+        by = {s["gold_label"]: s["sentence"] for s in r["sentences"]}
+        out.append({"prompt": r["context"], "id": r["id"], "target": r["target"], "bias_type": r["bias_type"],
+                    "stereotype": by["stereotype"], "anti_stereotype": by["anti-stereotype"],
+                    "unrelated": by["unrelated"]})
+    return out
+
+
+def crows_pairs(axis: str = "gender") -> list[dict]:
+    """CrowS-Pairs pairs of one bias type (``gender`` -> 262) or ``all`` (1,508)."""
+    if axis not in CROWS_AXES:
+        raise ValueError(f"unknown CrowS-Pairs axis {axis!r}; choose one of {', '.join(CROWS_AXES)}")
+    return [
+        {"prompt": r["sent_more"], "sent_more": r["sent_more"], "sent_less": r["sent_less"],
+         "direction": r["stereo_antistereo"], "bias_type": r["bias_type"], "id": int(r[""])}
+        for r in sources.crows_pairs()
+        if axis == "all" or r["bias_type"] == axis
+    ]
+
+
+_WG_PRONOUNS = {"he": ("he", "she"), "his": ("his", "her"), "him": ("him", "her")}
+
+
+def winogender() -> list[dict]:
+    """One prompt per WinoGender male sentence (240): the text before its pronoun.
+
+    The targets are the male/female pronoun of that slot (he/she, his/her or him/her), so
+    ``p_male - p_female`` is read exactly where the sentence's gender is decided.
+    """
+    out = []
+    for sentid, sent in sources.winogender_sentences():
+        occ, part, answer, gender, _ = sentid.split(".")
+        if gender != "male":
+            continue
+        m = re.search(r"\b(he|his|him)\b", sent, flags=re.IGNORECASE)
+        if m is None or m.start() == 0:
+            raise ValueError(f"no pronoun after the first word in WinoGender sentence {sentid}")
+        male, female = _WG_PRONOUNS[m.group(1).lower()]
+        out.append({"prompt": sent[: m.start()].rstrip(), "sentence": sent, "occupation": occ,
+                    "participant": part, "answer": int(answer), "targets": [male, female],
+                    "bls_pct_female": sources.winogender_bls()[occ]})
+    return out
+
+
+def winobias(split: str) -> list[dict]:
+    """Pro/anti-stereotyped sentence pairs of types 1 and 2 (396 + 396 per split)."""
+    out = []
+    for wtype in (1, 2):
+        pro = sources.winobias_lines("pro", wtype, split)
+        anti = sources.winobias_lines("anti", wtype, split)
+        if len(pro) != len(anti):
+            raise ValueError(f"WinoBias type {wtype} {split}: pro and anti files differ in length")
+        for (i, p, _), (_, a, _) in zip(pro, anti):
+            out.append({"prompt": p, "pro": p, "anti": a, "type": wtype, "line": i})
+    return out
+
+
+RETENTION_SEED = 0
+
+
+def retention_sentences() -> list[str]:
+    """>= 1,000 natural English sentences: WinoBias dev pro-stereotyped (types 1+2) + WinoGender neutral.
+
+    Deduplicated, then shuffled once with a fixed seed so that any prefix (``limit``) mixes both.
+    """
+    seen: dict[str, None] = {}
+    for wtype in (1, 2):
+        for _, s, _ in sources.winobias_lines("pro", wtype, "dev"):
+            seen.setdefault(s, None)
+    for sentid, s in sources.winogender_sentences():
+        if ".neutral." in sentid:
+            seen.setdefault(s, None)
+    out = list(seen)
+    random.Random(RETENTION_SEED).shuffle(out)
+    return out
+
+
+def retention(limit: int | None = None) -> list[dict]:
+    """Retention samples: ``kind='sentence'`` (perplexity) then ``kind='probe'`` (completion).
+
+    ``limit`` keeps the first ``limit`` of each kind (a cheap, fixed subset for repeated calls).
+    """
+    sents = retention_sentences()
+    probe = list(sources.retention_probe())
+    if limit is not None:
+        sents, probe = sents[:limit], probe[:limit]
+    return [{"prompt": s, "kind": "sentence"} for s in sents] + [
+        {"prompt": p["prompt"], "target": p["target"], "kind": "probe", "category": p["category"]}
+        for p in probe
+    ]

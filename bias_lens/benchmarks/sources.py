@@ -1,0 +1,110 @@
+"""Readers for the source files shipped in ``data/`` (provenance and licenses: ``data/README.md``).
+
+Everything here is a pure reader with a small cache: no randomness, no model. The data folder is
+``<repo>/data`` or ``$BIAS_LENS_DATA`` when set (for installs outside the repository).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+
+def data_dir() -> Path:
+    """The folder holding the shipped benchmark sources."""
+    root = Path(os.environ.get("BIAS_LENS_DATA", Path(__file__).resolve().parents[2] / "data"))
+    if not (root / "professions.json").is_file():
+        raise FileNotFoundError(
+            f"benchmark data not found in {root}; run from a bias_lens checkout or set BIAS_LENS_DATA "
+            "to its data/ folder"
+        )
+    return root
+
+
+def _read_json(rel: str) -> Any:
+    with open(data_dir() / rel, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@lru_cache(maxsize=None)
+def professions() -> tuple[tuple[str, float, float], ...]:
+    """The 320 Bolukbasi professions as ``(word, f, s)``; ``_`` in multi-word entries becomes a space."""
+    return tuple((w.replace("_", " "), float(f), float(s)) for w, f, s in _read_json("professions.json"))
+
+
+@lru_cache(maxsize=None)
+def gender_specific_words() -> frozenset[str]:
+    """debiaswe's full gender-specific word list (1441 words), lower-cased."""
+    return frozenset(w.lower() for w in _read_json("debiaswe/gender_specific_full.json"))
+
+
+@lru_cache(maxsize=None)
+def dama_source() -> tuple[dict, ...]:
+    """DAMA's ``train_dama.json`` (2409 prompts = 219 professions x 11 templates)."""
+    return tuple(_read_json("dama/train_dama.json"))
+
+
+@lru_cache(maxsize=None)
+def stereoset_gender_test() -> tuple[dict, ...]:
+    return tuple(_read_json("stereoset/gender_test.json"))
+
+
+@lru_cache(maxsize=None)
+def stereoset_dev() -> tuple[dict, ...]:
+    return tuple(_read_json("stereoset/dev.json"))
+
+
+@lru_cache(maxsize=None)
+def crows_pairs() -> tuple[dict[str, str], ...]:
+    with open(data_dir() / "crows_pairs/crows_pairs_anonymized.csv", encoding="utf-8", newline="") as fh:
+        return tuple(dict(r) for r in csv.DictReader(fh))
+
+
+@lru_cache(maxsize=None)
+def winogender_templates() -> tuple[dict[str, str], ...]:
+    with open(data_dir() / "winogender/templates.tsv", encoding="utf-8", newline="") as fh:
+        return tuple(dict(r) for r in csv.DictReader(fh, delimiter="\t"))
+
+
+@lru_cache(maxsize=None)
+def winogender_sentences() -> tuple[tuple[str, str], ...]:
+    """``(sentid, sentence)`` rows of ``all_sentences.tsv`` (720)."""
+    with open(data_dir() / "winogender/all_sentences.tsv", encoding="utf-8", newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))
+    return tuple((a, b) for a, b in rows[1:])
+
+
+@lru_cache(maxsize=None)
+def winogender_bls() -> dict[str, float]:
+    """Occupation -> BLS 2015 % female."""
+    with open(data_dir() / "winogender/occupations-stats.tsv", encoding="utf-8", newline="") as fh:
+        return {r["occupation"]: float(r["bls_pct_female"]) for r in csv.DictReader(fh, delimiter="\t")}
+
+
+_WB_LINE = re.compile(r"^(\d+)\s+(.*)$")
+
+
+@lru_cache(maxsize=None)
+def winobias_lines(kind: str, wtype: int, split: str) -> tuple[tuple[int, str, str], ...]:
+    """``(line_no, plain_sentence, bracketed_sentence)`` from ``{kind}_stereotyped_type{wtype}.txt.{split}``."""
+    path = data_dir() / f"winobias/{kind}_stereotyped_type{wtype}.txt.{split}"
+    out = []
+    for i, raw in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not raw.strip():
+            continue
+        m = _WB_LINE.match(raw.strip())
+        text = m.group(2) if m else raw.strip()
+        out.append((i, re.sub(r"\s+", " ", text.replace("[", "").replace("]", "")).strip(), text))
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def retention_probe() -> tuple[dict, ...]:
+    """The factual/arithmetic completion probe written for the project (``data/retention/probe.jsonl``)."""
+    lines = (data_dir() / "retention/probe.jsonl").read_text(encoding="utf-8").splitlines()
+    return tuple(json.loads(x) for x in lines if x.strip())

@@ -1,0 +1,46 @@
+"""``bias-lens datasets``: list the benchmark suites with their split sizes (or export one split)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from . import UsageError, add_json_arg
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("datasets", help="list benchmark suites and split sizes; --export writes a split as JSONL")
+    p.add_argument("--seed", type=int, default=0, help="split seed of the generated suites (default 0)")
+    p.add_argument("--export", nargs=2, metavar=("SUITE", "SPLIT"), help="write this split's samples as JSON lines")
+    p.add_argument("--out", default=None, help="file for --export (default: stdout)")
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..benchmarks import ALL_SUITES, load_split, split_sizes, to_jsonl
+
+    if args.export:
+        data = to_jsonl(load_split(args.export[0], args.export[1], seed=args.seed))
+        if args.out is None:
+            sys.stdout.buffer.write(data)
+            return 0
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--out folder {folder} does not exist")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".export-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, args.out)
+        return 0
+    sizes = {s: split_sizes(s, seed=args.seed) for s in ALL_SUITES}
+    if args.json:
+        json.dump(sizes, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    for s, sz in sizes.items():
+        print(f"{s:<15} " + "  ".join(f"{k}={v}" for k, v in sz.items()))
+    return 0

@@ -1,0 +1,227 @@
+"""Masked fine-tuning: optimise only the masked entries of the real weights (MSME / LFTF editing).
+
+For each masked HF tensor ``W`` with masked flat indices ``i`` we optimise a small vector
+``delta`` (one entry per masked weight) and run the model with ``W' = W.index_add(i, delta)``
+through :func:`torch.func.functional_call`. Consequences, by construction:
+
+* only masked entries can change (the gradient reaches nothing else);
+* no model parameter gets ``requires_grad`` (all are frozen for the run and restored after), so
+  no ``.grad`` of a full matrix is kept;
+* the optimizer's state (Adam moments) is the size of the mask, not of the matrices;
+* the model itself is never written during training: dev/retention checks apply the current
+  :class:`~bias_lens.edit.edits.Edit` temporarily and undo it, and the result is an ``Edit``.
+
+Early stopping keeps the state with the lowest dev-split AFGB; the retention guard stops and
+rolls back to the best accepted state when retention perplexity rises more than
+``retention_threshold`` (relative); a NaN/inf loss stops at once, leaves the model untouched
+(equivalently: undoes the edit) and reports the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .edits import Edit, layouts
+from .losses import get_loss
+from .masks import ParamMask
+
+log = logging.getLogger(__name__)
+
+#: Learning rates where LFTF's 1e-5 does not move a small mask in a couple of epochs (Adam's step
+#: is ~lr per entry per step, so a few thousand entries need a larger one); measured on SmolLM2.
+SCALE_LR: dict[str, float] = {
+    "layer": 1e-5, "module": 1e-4, "row": 1e-3, "neuron": 1e-2, "attribution": 1e-3, "all": 1e-5,
+}
+
+
+@dataclass
+class FinetuneConfig:
+    """Hyper-parameters (defaults from LFTF: Adam, lr 1e-5, 2 epochs, batch 32)."""
+
+    loss: str = "msme_align"
+    lr: float = 1e-5
+    epochs: int = 2
+    batch_size: int = 32
+    optimizer: str = "adam"
+    seed: int = 0
+    max_steps: int | None = None
+    eval_every: int | None = None  # steps between dev checks; None = once per epoch
+    patience: int = 2  # dev checks without improvement before stopping
+    dev_limit: int | None = 128
+    retention_threshold: float = 0.05
+    retention_limit: int = 48
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        get_loss(self.loss)
+        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError("lr must be > 0 and epochs, batch_size, patience >= 1")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.retention_threshold < 0:
+            raise ValueError("retention_threshold is a relative increase and must be >= 0")
+
+    @classmethod
+    def for_scale(cls, scale: str, **overrides: Any) -> "FinetuneConfig":
+        """LFTF defaults with the scale-specific learning rate of :data:`SCALE_LR`."""
+        if scale not in SCALE_LR:
+            raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALE_LR)}")
+        return cls(**{"lr": SCALE_LR[scale], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown fine-tuning options {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class FinetuneResult:
+    edit: Edit | None
+    status: str  # done | early_stopped | retention_rollback | nan
+    best_step: int
+    nan_step: int | None
+    history: list[dict] = field(default_factory=list)
+    optimizer_state_numel: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _samples_to_batches(samples: Sequence[dict], bs: int, gen: torch.Generator) -> list[list[dict]]:
+    order = torch.randperm(len(samples), generator=gen).tolist()
+    return [[samples[i] for i in order[s : s + bs]] for s in range(0, len(order), bs)]
+
+
+def _forward_probs(lm, overrides: dict[str, Tensor], prompts: list[str], tid: Tensor) -> Tensor:
+    """Differentiable ``[batch, 2]`` raw probabilities of (he, she) after each prompt."""
+    from ..scoring import iter_batches, last_logits
+
+    b = next(iter_batches(lm.tokenizer, prompts, len(prompts), device=lm.device, sort=False))
+    out = torch.func.functional_call(lm.hf, overrides, args=(), kwargs=b.model_inputs(), tie_weights=True)
+    logits = last_logits(out.logits, b.last).float()
+    return torch.softmax(logits, -1)[:, tid.to(logits.device)]
+
+
+def masked_finetune(
+    lm,
+    mask: ParamMask,
+    train: Sequence[dict],
+    dev: Sequence[dict] | None = None,
+    config: FinetuneConfig | None = None,
+    *,
+    retention: Sequence[str] | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    method: str = "masked_finetune",
+) -> FinetuneResult:
+    """Fine-tune only ``mask``'s entries on ``train`` samples (dicts with ``prompt``, ``f_he``, ``f_she``).
+
+    ``dev`` samples drive early stopping (dev AFGB); ``retention`` texts drive the retention
+    guard (default: the benchmark's first ``retention_limit`` sentences; pass ``[]`` to disable).
+    ``loss_fn(p, f)`` overrides ``config.loss``. The model is unchanged on return; apply
+    ``result.edit`` to keep the change.
+    """
+    from .measure import dev_afgb, he_she, retention_perplexity, retention_texts
+
+    cfg = config or FinetuneConfig()
+    if not train:
+        raise ValueError("no training samples given")
+    if mask.size == 0:
+        raise ValueError("the mask is empty; nothing to fine-tune")
+    mask.check(lm.hf)
+    loss_fn = loss_fn or get_loss(cfg.loss)
+    tid = torch.as_tensor(he_she(lm).first_ids)
+    params = dict(lm.hf.named_parameters())
+    names = mask.names
+    idx = {n: mask.indices(n).to(params[n].device) for n in names}
+    base = {n: params[n].detach() for n in names}
+    base_vals = {n: base[n].reshape(-1)[idx[n]].clone() for n in names}
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    deltas = {n: torch.zeros(len(idx[n]), dtype=params[n].dtype, device=params[n].device, requires_grad=True) for n in names}
+    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
+    opt = opt_cls(list(deltas.values()), lr=cfg.lr)
+    lay = layouts(lm.hf)
+
+    def current_edit(snap: dict[str, Tensor]) -> Edit:
+        vals = {n: (base_vals[n] + snap[n]).detach().cpu() for n in names}
+        return Edit({n: idx[n].cpu() for n in names}, vals, {n: tuple(params[n].shape) for n in names},
+                    {n: params[n].dtype for n in names}, {n: lay[n] for n in names}, method,
+                    {"config": cfg.to_dict()})
+
+    dev_prompts = [s["prompt"] for s in (dev or [])][: cfg.dev_limit] if dev else []
+    ret_texts = list(retention) if retention is not None else retention_texts(cfg.retention_limit)
+    base_ppl = retention_perplexity(lm, ret_texts) if ret_texts else None
+    best_dev = dev_afgb(lm, dev_prompts) if dev_prompts else math.inf
+    best = {n: torch.zeros_like(d) for n, d in deltas.items()}
+    history: list[dict] = [{"step": 0, "dev_afgb": best_dev, "retention_ppl": base_ppl}]
+    best_step, bad, step, status, nan_step = 0, 0, 0, "done", None
+    grad_flags = {n: p.requires_grad for n, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(False)
+
+    def check() -> str | None:
+        """Dev/retention check of the current deltas; returns a stop status or None."""
+        nonlocal best_dev, best_step, bad
+        snap = {n: d.detach().clone() for n, d in deltas.items()}
+        with current_edit(snap).applied(lm.hf):
+            ppl = retention_perplexity(lm, ret_texts) if ret_texts else None
+            dv = dev_afgb(lm, dev_prompts) if dev_prompts else None
+        history.append({"step": step, "dev_afgb": dv, "retention_ppl": ppl})
+        if ppl is not None and ppl > base_ppl * (1 + cfg.retention_threshold):
+            log.info("retention perplexity %.3f > %.3f * (1 + %.3f): rolling back", ppl, base_ppl, cfg.retention_threshold)
+            return "retention_rollback"
+        if dv is None or dv < best_dev:
+            best_dev, best_step, bad = (dv if dv is not None else best_dev), step, 0
+            for n in names:
+                best[n].copy_(snap[n])
+            return None
+        bad += 1
+        return "early_stopped" if bad >= cfg.patience else None
+
+    try:
+        stop = None
+        for epoch in range(cfg.epochs):
+            for batch in _samples_to_batches(train, cfg.batch_size, gen):
+                f = torch.tensor([[s["f_he"], s["f_she"]] for s in batch], dtype=torch.float32)
+                over = {n: base[n].reshape(-1).index_add(0, idx[n], deltas[n]).view_as(base[n]) for n in names}
+                loss = loss_fn(_forward_probs(lm, over, [s["prompt"] for s in batch], tid), f)
+                step += 1
+                if not torch.isfinite(loss):
+                    status, nan_step = "nan", step
+                    log.warning("non-finite loss at step %d; stopping and discarding the edit", step)
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(list(deltas.values()), cfg.grad_clip)
+                opt.step()
+                history[-1].setdefault("losses", []).append(float(loss.detach()))
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    stop = check()
+                if stop or (cfg.max_steps and step >= cfg.max_steps):
+                    break
+            if status == "nan" or stop:
+                break
+            if not cfg.eval_every or step % cfg.eval_every:
+                stop = check()
+            if stop or (cfg.max_steps and step >= cfg.max_steps):
+                break
+        if stop:
+            status = stop
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(grad_flags[n])
+    state_numel = sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0)
+    edit = None if status == "nan" else current_edit(best)
+    return FinetuneResult(edit, status, best_step, nan_step, history, state_numel, cfg.to_dict())

@@ -1,0 +1,332 @@
+"""Neuron and head logit attribution (Yu & Ananiadou's neuron attribution, as used by the
+interpretable-neuron-editing paper).
+
+For FFN neuron k of layer l with activation ``m_k`` at the prompt's last real token and value
+vector ``v_k`` (column k of the down projection, HF ``[out, in]`` orientation), and target word w::
+
+    importance(w) = log p(w | x + m_k v_k) - log p(w | x),   p = softmax(W_U FinalNorm(.))
+
+with x the residual before that MLP (``resid_mid`` at the last position). For head h of layer l,
+``m_k v_k`` becomes the head's output through its slice of W_O and x is the residual before
+attention (``resid_pre``). The o_proj bias (GPT-2 has one) belongs to no head: by default
+(``o_bias="baseline"``) it is part of x, i.e. x = resid_pre + b_O; ``o_bias="split"`` gives each
+head ``b_O / n_heads`` of it instead.
+
+The bias score is ``importance(t1) - importance(t0)`` for targets ``(t0, t1)`` = (he, she): it is
+signed (> 0 pushes towards she) and its magnitude ranks neurons. Because both importances share
+the same log-partition functions, the score equals the change of the logit *difference*::
+
+    score = [l_t1 - l_t0](x + m_k v_k) - [l_t1 - l_t0](x)
+
+so it needs no full-vocabulary log-softmax. FinalNorm modes:
+
+* ``norm="cached"`` (default, as the paper): the RMS/LN scale is taken from the model's final
+  residual at that position, so FinalNorm is affine and ``score = m_k (w . v_k) / s_final`` with
+  ``w = C(g * (W_U[t1] - W_U[t0]))`` (C centres for LayerNorm, identity for RMSNorm);
+* ``norm="recompute"``: the scale is recomputed on x and on x + m_k v_k (closed form from
+  ``|Cx|^2``, ``Cx . Cv_k``, ``|Cv_k|^2``).
+
+Per-target importances (which do need the log-softmax over the full vocabulary) are computed by
+:func:`target_importance` in bounded-memory chunks for a chosen set of labels.
+
+Everything comes from one cached forward pass (:func:`collect_last`) that keeps only the last
+position of ``resid_pre``, ``resid_mid``, ``attn.z``, ``mlp.post`` and the final residual.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from ..arch import get_submodule, param_ref, parse_head_name, parse_neuron_name
+from ..hooks import record_into
+from ..scoring import check_prompts, iter_batches
+from ..targets import TargetSet, resolve_targets
+from .result import LocateResult
+
+log = logging.getLogger(__name__)
+NORM_MODES = ("cached", "recompute")
+RANKS = ("abs", "mean_abs", "signed")
+
+
+# --------------------------------------------------------------------------- norm algebra
+@dataclass(frozen=True)
+class NormParts:
+    """A LayerNorm/RMSNorm as ``g * C y / scale(y) + b`` (C centres only for LayerNorm)."""
+
+    weight: Float[Tensor, " d_model"]
+    bias: Float[Tensor, " d_model"] | None
+    eps: float
+    centered: bool
+
+    def center(self, y: Tensor) -> Tensor:
+        return y - y.mean(-1, keepdim=True) if self.centered else y
+
+    def scale(self, y: Tensor) -> Tensor:
+        """``sqrt(mean((C y)^2) + eps)`` over the last axis, keepdim."""
+        return torch.sqrt(self.center(y).pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def apply(self, y: Tensor, scale: Tensor | None = None) -> Tensor:
+        s = self.scale(y) if scale is None else scale
+        out = self.center(y) / s * self.weight.to(y)
+        return out + self.bias.to(y) if self.bias is not None else out
+
+    def read_dir(self, w: Float[Tensor, "... d_model"]) -> Tensor:
+        """Direction r with ``w . (g * C y) == r . y`` (C is symmetric)."""
+        return self.center(w * self.weight.to(w))
+
+
+def norm_parts(module: nn.Module) -> NormParts:
+    """Weights, eps and kind of an HF LayerNorm or RMSNorm (Llama/Qwen style)."""
+    w = module.weight.detach().double()
+    if isinstance(module, nn.LayerNorm):
+        b = module.bias.detach().double() if module.bias is not None else None
+        return NormParts(w, b, float(module.eps), True)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if eps is None:
+        raise ValueError(f"unsupported norm module {type(module).__name__}: need LayerNorm or an RMSNorm with eps")
+    return NormParts(w, None, float(eps), False)
+
+
+# --------------------------------------------------------------------------- cache
+@dataclass
+class LastCache:
+    """Last-position activations of every layer from one forward pass (float64, CPU)."""
+
+    resid_pre: Float[Tensor, "layer prompt d_model"]
+    resid_mid: Float[Tensor, "layer prompt d_model"]
+    attn_z: Float[Tensor, "layer prompt d_z"]
+    mlp_post: Float[Tensor, "layer prompt d_mlp"]
+    final: Float[Tensor, "prompt d_model"]
+
+    @property
+    def n_prompts(self) -> int:
+        return self.final.shape[0]
+
+
+def base_model(lm) -> nn.Module:
+    """The transformer body without the LM head (its output is already final-normed)."""
+    return get_submodule(lm.hf, lm.arch.layers.rsplit(".", 1)[0])
+
+
+@torch.no_grad()
+def collect_last(lm, prompts: Sequence[str], *, batch_size: int = 32) -> LastCache:
+    """One batched forward pass (body only, no unembedding) keeping last-position slices."""
+    prompts = check_prompts(prompts)
+    L, n = lm.n_layers, len(prompts)
+    kinds = ("resid_pre", "resid_mid", "attn.z", "mlp.post")
+    points = [f"L{l}.{k}" for l in range(L) for k in kinds] + [f"L{L - 1}.resid_post"]
+    out: dict[str, Tensor] = {}
+    body = base_model(lm)
+    for b in iter_batches(lm.tokenizer, prompts, batch_size, device=lm.device):
+        store: dict[str, Tensor] = {}
+        with lm.hooks(record_into(store, points, index=b.last)):
+            body(**b.model_inputs())
+        for p, v in store.items():
+            if p not in out:
+                out[p] = torch.empty(n, v.shape[-1], dtype=torch.float64)
+            out[p][b.rows] = v.double().cpu()
+    stack = lambda k: torch.stack([out[f"L{l}.{k}"] for l in range(L)])  # noqa: E731
+    return LastCache(stack("resid_pre"), stack("resid_mid"), stack("attn.z"), stack("mlp.post"), out[f"L{L - 1}.resid_post"])
+
+
+# --------------------------------------------------------------------------- weights
+def value_vectors(lm, layer: int) -> Float[Tensor, "d_model d_mlp"]:
+    return param_ref(lm.hf, f"L{layer}.mlp.down").weight_view(lm.hf).detach().double()
+
+
+def head_out_weight(lm, layer: int) -> Float[Tensor, "d_model d_z"]:
+    return param_ref(lm.hf, f"L{layer}.attn.o").weight_view(lm.hf).detach().double()
+
+
+def o_bias(lm, layer: int) -> Tensor | None:
+    b = param_ref(lm.hf, f"L{layer}.attn.o").bias_view(lm.hf)
+    return None if b is None else b.detach().double()
+
+
+def head_outputs(lm, cache: LastCache, layer: int) -> Float[Tensor, "prompt head d_model"]:
+    """Each head's last-position output through its slice of W_O (no o_proj bias)."""
+    W = head_out_weight(lm, layer).view(lm.d_model, lm.n_heads, lm.d_head)
+    z = cache.attn_z[layer].view(-1, lm.n_heads, lm.d_head)
+    return torch.einsum("dhe,phe->phd", W, z)
+
+
+def check_pair(lm, targets: TargetSet | str | Sequence[str]) -> TargetSet:
+    ts = targets if isinstance(targets, TargetSet) else resolve_targets(lm.tokenizer, targets)
+    if len(ts) != 2 or not ts.single_token:
+        raise ValueError(
+            f"attribution needs exactly two single-token targets (e.g. he,she); got {list(ts.words)} "
+            f"with token ids {[list(t) for t in ts.token_ids]}"
+        )
+    return ts
+
+
+def logit_diff_dir(lm, ts: TargetSet) -> Float[Tensor, " d_model"]:
+    W_U = lm.unembed.weight.detach().double()
+    return W_U[ts.first_ids[1]] - W_U[ts.first_ids[0]]
+
+
+# --------------------------------------------------------------------------- scores
+def _diff_scores(fn: NormParts, u: Tensor, x: Tensor, delta: Tensor, final: Tensor, norm: str) -> Tensor:
+    """score[p, k] = [l1-l0](x_p + delta[p,k]) - [l1-l0](x_p); x [p,d], delta [p,k,d] or via callback."""
+    r = fn.read_dir(u)
+    if norm == "cached":
+        return (delta @ r) / fn.scale(final)
+    xc, dc = fn.center(x), fn.center(delta)
+    d = x.shape[-1]
+    s0 = torch.sqrt(xc.pow(2).mean(-1) + fn.eps)
+    s1 = torch.sqrt((xc.pow(2).sum(-1)[:, None] + 2 * torch.einsum("pd,pkd->pk", xc, dc) + dc.pow(2).sum(-1)) / d + fn.eps)
+    a0 = x @ r
+    return (a0[:, None] + delta @ r) / s1 - (a0 / s0)[:, None]
+
+
+def neuron_scores(lm, cache: LastCache, ts: TargetSet, layer: int, norm: str = "cached") -> Float[Tensor, "prompt d_mlp"]:
+    """Signed bias score of every neuron of ``layer`` for every prompt (no per-neuron forward)."""
+    fn, u, V = norm_parts(lm.final_norm), logit_diff_dir(lm, ts), value_vectors(lm, layer)
+    m, x = cache.mlp_post[layer], cache.resid_mid[layer]
+    r = fn.read_dir(u)
+    if norm == "cached":
+        return m * (r @ V)[None, :] / fn.scale(cache.final)
+    # recompute: closed form without materialising [prompt, d_mlp, d_model]
+    d = x.shape[-1]
+    xc, Vc = fn.center(x), fn.center(V.T).T
+    s0 = torch.sqrt(xc.pow(2).mean(-1) + fn.eps)
+    s1 = torch.sqrt((xc.pow(2).sum(-1)[:, None] + 2 * m * (xc @ Vc) + m.pow(2) * Vc.pow(2).sum(0)[None]) / d + fn.eps)
+    a0 = x @ r
+    return (a0[:, None] + m * (r @ V)[None]) / s1 - (a0 / s0)[:, None]
+
+
+def head_scores(
+    lm, cache: LastCache, ts: TargetSet, layer: int, norm: str = "cached", o_bias_mode: str = "baseline"
+) -> Float[Tensor, "prompt head"]:
+    """Signed bias score of every head of ``layer`` for every prompt."""
+    fn, u = norm_parts(lm.final_norm), logit_diff_dir(lm, ts)
+    o = head_outputs(lm, cache, layer)
+    x = cache.resid_pre[layer].clone()
+    b = o_bias(lm, layer)
+    if b is not None:
+        if o_bias_mode == "split":
+            o = o + b / lm.n_heads
+        else:
+            x = x + b
+    return _diff_scores(fn, u, x, o, cache.final, norm)
+
+
+def _rank(per: Tensor, rank: str) -> tuple[Tensor, Tensor]:
+    signed = per.mean(0)
+    score = {"abs": signed.abs(), "mean_abs": per.abs().mean(0), "signed": signed}[rank]
+    return score, signed
+
+
+def _check_opts(norm: str, rank: str) -> None:
+    if norm not in NORM_MODES:
+        raise ValueError(f"norm must be one of {NORM_MODES}, got {norm!r}")
+    if rank not in RANKS:
+        raise ValueError(f"rank must be one of {RANKS}, got {rank!r}")
+
+
+def neuron_attribution(
+    lm, prompts: Sequence[str], targets: TargetSet | str = "he,she", *, norm: str = "cached", rank: str = "abs",
+    layers: Sequence[int] | None = None, batch_size: int = 32, cache: LastCache | None = None,
+    keep_per_prompt: bool = False,
+) -> LocateResult:
+    """Bias score ``importance(t1) - importance(t0)`` of every FFN neuron (labels ``L{l}N{k}``).
+
+    ``rank``: ``"abs"`` ranks by |mean over prompts of the signed score| (default), ``"mean_abs"``
+    by the mean of per-prompt magnitudes, ``"signed"`` by the signed mean (t1-ward first).
+    ``extras["signed"]`` always holds the signed means.
+    """
+    _check_opts(norm, rank)
+    ts = check_pair(lm, targets)
+    layers = list(range(lm.n_layers)) if layers is None else _check_layers(lm, layers)
+    cache = cache if cache is not None else collect_last(lm, prompts, batch_size=batch_size)
+    per = torch.cat([neuron_scores(lm, cache, ts, l, norm) for l in layers], 1)
+    score, signed = _rank(per, rank)
+    labels = [f"L{l}N{k}" for l in layers for k in range(lm.d_mlp)]
+    return LocateResult(
+        "attribution", labels, score, variant=f"neurons,norm={norm},rank={rank}",
+        per_prompt=per.float() if keep_per_prompt else None, model=lm.name, n_samples=cache.n_prompts,
+        extras={"signed": signed.float(), "targets": list(ts.words), "layers": layers, "d_mlp": lm.d_mlp},
+    )
+
+
+def head_attribution(
+    lm, prompts: Sequence[str], targets: TargetSet | str = "he,she", *, norm: str = "cached", rank: str = "abs",
+    o_bias_mode: str = "baseline", batch_size: int = 32, cache: LastCache | None = None,
+) -> LocateResult:
+    """Bias score of every attention head (labels ``L{l}H{h}``); see the module docstring."""
+    _check_opts(norm, rank)
+    if o_bias_mode not in ("baseline", "split"):
+        raise ValueError(f"o_bias_mode must be 'baseline' or 'split', got {o_bias_mode!r}")
+    ts = check_pair(lm, targets)
+    cache = cache if cache is not None else collect_last(lm, prompts, batch_size=batch_size)
+    per = torch.cat([head_scores(lm, cache, ts, l, norm, o_bias_mode) for l in range(lm.n_layers)], 1)
+    score, signed = _rank(per, rank)
+    labels = [f"L{l}H{h}" for l in range(lm.n_layers) for h in range(lm.n_heads)]
+    return LocateResult(
+        "attribution", labels, score, variant=f"heads,norm={norm},rank={rank},o_bias={o_bias_mode}",
+        per_prompt=per.float(), model=lm.name, n_samples=cache.n_prompts,
+        extras={"signed": signed.float(), "targets": list(ts.words), "n_heads": lm.n_heads},
+    )
+
+
+def _check_layers(lm, layers: Sequence[int]) -> list[int]:
+    bad = [l for l in layers if not 0 <= int(l) < lm.n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range; the model has layers 0..{lm.n_layers - 1}")
+    return [int(l) for l in layers]
+
+
+# --------------------------------------------------------------------------- per-target importance
+def component_delta(lm, cache: LastCache, label: str) -> tuple[Tensor, Tensor]:
+    """(x, x + contribution) at the last position for ``L{l}N{k}`` or ``L{l}H{h}`` (o_bias in x)."""
+    if "H" in label:
+        l, h = parse_head_name(label)
+        x = cache.resid_pre[l].clone()
+        b = o_bias(lm, l)
+        x = x + b if b is not None else x
+        return x, x + head_outputs(lm, cache, l)[:, h]
+    l, k = parse_neuron_name(label)
+    x = cache.resid_mid[l]
+    return x, x + cache.mlp_post[l][:, k : k + 1] * value_vectors(lm, l)[:, k][None]
+
+
+@torch.no_grad()
+def target_importance(
+    lm, cache: LastCache, labels: Sequence[str], targets: TargetSet | str = "he,she", *, norm: str = "cached",
+    max_elems: int = 2**26,
+) -> Float[Tensor, "prompt label target"]:
+    """``log p(w | x + delta) - log p(w | x)`` with the full-vocabulary log-softmax, in chunks of labels.
+
+    Memory is bounded by ``max_elems`` logits per chunk (prompt x labels x d_vocab).
+    """
+    _check_opts(norm, "abs")
+    ts = targets if isinstance(targets, TargetSet) else resolve_targets(lm.tokenizer, targets)
+    if not ts.single_token:
+        raise ValueError("target_importance needs single-token targets")
+    fn, W_U = norm_parts(lm.final_norm), lm.unembed.weight.detach().double()
+    b_U = getattr(lm.unembed, "bias", None)
+    tid = torch.as_tensor(ts.first_ids)
+    s_f = fn.scale(cache.final)
+    P = cache.n_prompts
+    chunk = max(1, max_elems // max(1, P * W_U.shape[0]))
+    out = torch.empty(P, len(labels), len(ts), dtype=torch.float64)
+
+    def logp(y: Tensor) -> Tensor:
+        z = fn.apply(y, s_f if norm == "cached" else None) @ W_U.T
+        z = z + b_U.detach().double() if b_U is not None else z
+        return torch.log_softmax(z, -1)[:, tid]
+
+    for i in range(0, len(labels), chunk):
+        part = labels[i : i + chunk]
+        pairs = [component_delta(lm, cache, lab) for lab in part]
+        y = torch.stack([pr[0] for pr in pairs] + [pr[1] for pr in pairs])  # [2n, P, d]
+        n = len(part)
+        lp = torch.stack([logp(y[j]) for j in range(2 * n)])  # [2n, P, t]
+        out[:, i : i + n] = (lp[n:] - lp[:n]).permute(1, 0, 2)
+    return out

@@ -1,0 +1,177 @@
+"""General-neuron statistics and causal selection against straightforward per-prompt / per-neuron loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bias_lens.hooks import mask_neurons
+from bias_lens.locate.attribution import logit_diff_dir, neuron_attribution, norm_parts, check_pair
+from bias_lens.locate.causal import RETENTION_TEXTS, causal_selection, retention
+from bias_lens.locate.general_neurons import detect_general, filter_general, masking_effect, position_stats
+from bias_lens.scoring import target_probs
+from bias_lens.targets import resolve_targets
+
+PROMPTS = [
+    "The nurse laughed because",
+    "The carpenter went home because",
+    "The doctor said that they would come",
+    "Two plus",
+    "The engineer went home because she was tired",
+]
+
+
+def _acts(lm, prompt):
+    """All-position activations |m| [layer, pos, d_mlp] and final-residual scale [pos] by plain hooks."""
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    got = {}
+    hs = [lm.submodule(l, "mlp.down").register_forward_pre_hook(lambda m, a, l=l: got.__setitem__(l, a[0][0].double()))
+          for l in range(lm.n_layers)]
+    try:
+        with torch.no_grad():
+            out = lm.hf(ids, output_hidden_states=True)
+    finally:
+        for h in hs:
+            h.remove()
+    return torch.stack([got[l] for l in range(lm.n_layers)]), out
+
+
+@pytest.mark.parametrize("by", ["activation", "attribution"])
+def test_position_stats_match_loop(tiny, by):
+    z = 1.0  # low threshold so the tiny random model has outsized neurons to count
+    stats = position_stats(tiny, PROMPTS, by=by, z=z, batch_size=2)
+    arg0 = torch.zeros(tiny.n_layers, tiny.d_mlp, dtype=torch.float64)
+    outs = torch.zeros_like(arg0)
+    elig = 0
+    r = norm_parts(tiny.final_norm).read_dir(logit_diff_dir(tiny, check_pair(tiny, "he,she")))
+    for p in PROMPTS:
+        m, out = _acts(tiny, p)
+        n = m.shape[1]
+        for l in range(tiny.n_layers):
+            for k in range(tiny.d_mlp):
+                a = m[l, :, k].abs()
+                if by == "attribution":
+                    v = tiny.submodule(l, "mlp.down")
+                    vk = (v(torch.eye(tiny.d_mlp)[k : k + 1]) - v(torch.zeros(1, tiny.d_mlp))).double()[0].detach()
+                    # raw final residual = hidden state before ln_f: rebuild scale from the last block output via the hook-free path
+                    c = (m[l, :, k] * float(r @ vk)).abs() / _final_scale(tiny, p)
+                else:
+                    c = a
+                arg0[l, k] += float(int(c.argmax()) == 0)
+                if n >= 3:
+                    rest = a[1:]
+                    outs[l, k] += float(a[0] > rest.mean() + z * rest.std(unbiased=False))
+        elig += n >= 3
+    assert torch.allclose(stats.argmax0_frac, arg0 / len(PROMPTS))
+    assert torch.allclose(stats.outsized_frac, outs / elig)
+    assert stats.n_eligible == elig and stats.start_token == "first-token"
+
+
+def _final_scale(lm, prompt):
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    got = {}
+    h = lm.block(lm.n_layers - 1).register_forward_hook(lambda m, a, o: got.__setitem__("x", (o[0] if isinstance(o, tuple) else o)[0].double()))
+    try:
+        with torch.no_grad():
+            lm.hf(ids)
+    finally:
+        h.remove()
+    return norm_parts(lm.final_norm).scale(got["x"])[:, 0]
+
+
+def test_filter_and_detect(tiny_llama):
+    lm = tiny_llama
+    stats = position_stats(lm, PROMPTS, z=1.0)
+    res = neuron_attribution(lm, PROMPTS)
+    filt = filter_general(res, stats, min_frac=0.5)
+    excluded = set(filt.extras["general_excluded"])
+    flat = stats.argmax0_frac.reshape(-1)
+    expect = {res.labels[i] for i in range(len(res.labels)) if flat[i] >= 0.5}
+    assert excluded == expect and excluded  # the random model has some
+    assert set(filt.labels) == set(res.labels) - expect
+    assert torch.allclose(filt.extras["signed"], torch.stack([res.extras["signed"][res.labels.index(x)] for x in filt.labels]))
+    det = detect_general(stats, min_frac=0.6)
+    assert set(det.labels) == {f"L{i // lm.d_mlp}N{i % lm.d_mlp}" for i in range(flat.numel()) if stats.outsized_frac.reshape(-1)[i] >= 0.6}
+
+
+def _ppl_loop(lm, texts=RETENTION_TEXTS):
+    nll, n = 0.0, 0
+    for t in texts:
+        ids = lm.tokenizer(t, return_tensors="pt").input_ids
+        with torch.no_grad():
+            lp = torch.log_softmax(lm.hf(ids).logits[0, :-1].double(), -1)
+        nll -= float(lp.gather(-1, ids[0, 1:, None]).sum())
+        n += ids.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def _afgb_loop(lm, ts):
+    p = target_probs(lm, PROMPTS, ts, batch_size=1)
+    return float((p[:, 0] - p[:, 1]).abs().mean())
+
+
+def test_masking_effect_and_retention(tiny_llama):
+    lm = tiny_llama
+    assert abs(retention(lm)[0] - _ppl_loop(lm)) < 1e-6 * _ppl_loop(lm)
+    eff = masking_effect(lm, ["L0N1", "L1N2"], ["L2N3", "L2N4"], n=2)
+    with lm.hooks(mask_neurons({0: [1], 1: [2]})):
+        g = _ppl_loop(lm)
+    assert abs(eff["general"] - g) < 1e-6 * g and abs(eff["base"] - _ppl_loop(lm)) < 1e-6 * g
+
+
+def test_causal_independent_matches_loop(tiny):
+    lm = tiny
+    ts = resolve_targets(lm.tokenizer, "he,she")
+    cands = ["L0N3", "L1N7", "L2N0", "L2N5", "L1N40", "L0N90", "L2N77"]
+    res = causal_selection(lm, cands, PROMPTS, ts, k=3, max_ppl_increase=0.5, max_rows=12)  # 2 candidates per forward
+    a0, p0 = _afgb_loop(lm, ts), _ppl_loop(lm)
+    assert abs(res.extras["afgb_base"] - a0) < 1e-7 and abs(res.extras["ppl_base"] - p0) < 1e-6 * p0
+    loop = {}
+    for c in cands:
+        l, k = int(c[1]), int(c.split("N")[1])
+        with lm.hooks(mask_neurons({l: [k]})):
+            loop[c] = (_afgb_loop(lm, ts) - a0, _ppl_loop(lm))
+        i = res.labels.index(c)
+        assert abs(float(res.scores[i]) - loop[c][0]) < 1e-7
+        assert abs(float(res.extras["ppl"][i]) - loop[c][1]) < 1e-6 * p0
+    ok = sorted((v[0], c) for c, v in loop.items() if v[0] < 0 and v[1] <= p0 * 1.5)
+    assert res.extras["selected"] == [c for _, c in ok[:3]]
+
+
+def test_causal_greedy_matches_loop(tiny_llama):
+    lm = tiny_llama
+    ts = resolve_targets(lm.tokenizer, "he,she")
+    cands = ["L0N3", "L1N7", "L2N0", "L2N5", "L1N40", "L2N77"]
+    res = causal_selection(lm, cands, PROMPTS, ts, k=3, max_ppl_increase=1.0, mode="greedy")
+    chosen, cur = [], _afgb_loop(lm, ts)
+    limit = _ppl_loop(lm) * 2.0
+    for _ in range(3):
+        trials = []
+        for c in cands:
+            if c in chosen:
+                continue
+            mask = {}
+            for x in chosen + [c]:
+                mask.setdefault(int(x[1]), []).append(int(x.split("N")[1]))
+            with lm.hooks(mask_neurons(mask)):
+                a, p = _afgb_loop(lm, ts), _ppl_loop(lm)
+            if p <= limit:
+                trials.append((a, c))
+        a, c = min(trials)
+        if a >= cur:
+            break
+        chosen.append(c)
+        cur = a
+    assert res.labels == chosen
+    assert abs(res.extras["afgb"][-1] - cur) < 1e-7
+
+
+def test_causal_rejects_bad_input(tiny_llama):
+    with pytest.raises(ValueError, match="no candidate"):
+        causal_selection(tiny_llama, [], PROMPTS)
+    with pytest.raises(ValueError, match="out of range"):
+        causal_selection(tiny_llama, ["L9N1"], PROMPTS)
+    with pytest.raises(ValueError, match="mode"):
+        causal_selection(tiny_llama, ["L0N1"], PROMPTS, mode="x")
