@@ -53,11 +53,21 @@ def check_suite(suite: str, split: str | None = None, axis: str = "gender") -> N
     if axis != "gender" and axis not in _AXES.get(suite, ()):
         valid = ", ".join(_AXES.get(suite, ("gender",)))
         raise ValueError(f"suite {suite!r} has no bias axis {axis!r}; choose one of {valid}")
+    if split is not None and split not in _splits_for(suite, axis):
+        raise ValueError(f"suite {suite!r} with axis {axis!r} has only split(s) {', '.join(_splits_for(suite, axis))}")
 
 
-def splits_of(suite: str) -> tuple[str, ...]:
-    check_suite(suite)
+def _splits_for(suite: str, axis: str) -> tuple[str, ...]:
+    """StereoSet's test file is gender only; its other axes live in dev."""
+    if suite == "stereoset" and axis != "gender":
+        return ("dev",)
     return _SPLITS[suite]
+
+
+def splits_of(suite: str, axis: str = "gender") -> tuple[str, ...]:
+    """The splits a suite has for a bias axis (StereoSet's non-gender axes: dev only)."""
+    check_suite(suite, None, axis)
+    return _splits_for(suite, axis)
 
 
 @lru_cache(maxsize=32)
@@ -94,7 +104,7 @@ def split_sizes(suite: str, *, seed: int = generated.DEFAULT_SEED, axis: str = "
     check_suite(suite, None, axis)
     if suite in _GENERATED:
         return {k: len(v) for k, v in _generated(suite, int(seed)).items()}
-    return {sp: len(_external(suite, sp, axis)) for sp in _SPLITS[suite]}
+    return {sp: len(_external(suite, sp, axis)) for sp in _splits_for(suite, axis)}
 
 
 def sample_prompts(suite: str, split: str = "train", n: int = 200, seed: int = 0, *, axis: str = "gender") -> list[str]:

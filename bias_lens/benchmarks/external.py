@@ -96,14 +96,20 @@ RETENTION_SEED = 0
 
 
 def retention_sentences() -> list[str]:
-    """>= 1,000 natural English sentences: WinoBias dev pro-stereotyped (types 1+2) + WinoGender neutral.
+    """>= 1,000 natural English sentences: WinoBias dev (types 1+2) + WinoGender neutral sentences.
 
-    Deduplicated, then shuffled once with a fixed seed so that any prefix (``limit``) mixes both.
+    WinoBias dev is never used by the ``winobias`` suite's test split. To keep the set neutral
+    with respect to the bias being edited, each WinoBias line contributes its pro-stereotyped
+    version on even line numbers and its anti-stereotyped version on odd ones (half each), and
+    WinoGender contributes only its gender-neutral (they/their) sentences. Deduplicated, then
+    shuffled once with a fixed seed so that any prefix (``limit``) mixes both sources.
     """
     seen: dict[str, None] = {}
     for wtype in (1, 2):
-        for _, s, _ in sources.winobias_lines("pro", wtype, "dev"):
-            seen.setdefault(s, None)
+        pro = sources.winobias_lines("pro", wtype, "dev")
+        anti = sources.winobias_lines("anti", wtype, "dev")
+        for k, ((_, p, _), (_, a, _)) in enumerate(zip(pro, anti)):
+            seen.setdefault(p if k % 2 == 0 else a, None)
     for sentid, s in sources.winogender_sentences():
         if ".neutral." in sentid:
             seen.setdefault(s, None)

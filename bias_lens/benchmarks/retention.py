@@ -1,7 +1,8 @@
 """Retention probes: does an edited model still model English and recall simple facts?
 
-* Perplexity over natural English sentences shipped in ``data/`` (WinoBias dev pro-stereotyped
-  sentences + WinoGender neutral sentences; 1,032), each conditioned on the BOS/EOS prefix.
+* Perplexity over natural English sentences shipped in ``data/`` (WinoBias dev sentences, half
+  pro- and half anti-stereotyped, + WinoGender neutral sentences; 1,032), each conditioned on the
+  tokenizer's BOS token (EOS when it has none).
 * A factual / arithmetic completion probe of 160 items written for the project
   (``data/retention/probe.jsonl``: capitals, arithmetic, everyday facts), scored by the summed
   log-prob of the target continuation and by greedy top-1 exact match of all its tokens.

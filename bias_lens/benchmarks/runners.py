@@ -1,8 +1,9 @@
 """``evaluate(lm, suite, split)``: score a model on one suite and compute its metrics.
 
-Profession suites read next-token probabilities of the targets with
-:func:`bias_lens.scoring.target_probs`; sentence suites (StereoSet, CrowS-Pairs, WinoBias) and
-retention use :mod:`.sentence_scoring`. Options that change a number (sentence score, LMS
+Profession suites read raw next-token probabilities of the targets with
+:func:`.next_token.next_token_logprobs` (the numbers of :func:`bias_lens.scoring.target_probs`,
+faster); sentence suites (StereoSet, CrowS-Pairs, WinoBias) and retention use
+:mod:`.sentence_scoring`. Options that change a number (sentence score, LMS
 variant, CrowS direction reading) are recorded in ``EvalResult.options``.
 """
 
@@ -15,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ..scoring import target_probs
 from ..targets import resolve_targets
 from . import datasets, metrics
 from .generated import RELIGION_TARGETS
+from .next_token import next_token_logprobs
 from .retention import retention_metrics
 from .sentence_scoring import sentence_scores
 
@@ -51,8 +52,8 @@ def subset(rows: list[dict], limit: int | None) -> list[dict]:
 
 def _probs(lm: Any, rows: list[dict], words: Sequence[str], batch_size: int, progress: bool) -> np.ndarray:
     targets = resolve_targets(lm.tokenizer, list(words))
-    p = target_probs(lm, [r["prompt"] for r in rows], targets, batch_size=batch_size, progress=progress)
-    return p.numpy()
+    lp = next_token_logprobs(lm, [r["prompt"] for r in rows], targets, batch_size=batch_size, progress=progress)
+    return lp.exp().numpy()
 
 
 def _attach(rows: list[dict], p: np.ndarray, words: Sequence[str]) -> list[dict]:
@@ -132,7 +133,7 @@ def _winogender(lm, rows, batch_size, progress):
 def _winobias(lm, rows, opts, batch_size, progress):
     n = len(rows)
     texts = [r["pro"] for r in rows] + [r["anti"] for r in rows]
-    sc = sentence_scores(lm, texts, reduce="sum", batch_size=batch_size, progress=progress).numpy()
+    sc = sentence_scores(lm, texts, reduce=opts["sentence_score"], batch_size=batch_size, progress=progress).numpy()
     m = metrics.winobias_scores(sc[:n], sc[n:], [r["type"] for r in rows])
     details = [{**r, "ll_pro": float(a), "ll_anti": float(b)} for r, a, b in zip(rows, sc[:n], sc[n:])]
     return m, details
@@ -157,7 +158,8 @@ def evaluate(
 
     ``targets`` default to he/she (male first) for the profession suites and to the five religion
     words for ``religion``. Sentence scores: StereoSet mean token log-prob (default), CrowS-Pairs
-    and WinoBias summed log-likelihood; ``sentence_score="mean"|"sum"`` overrides StereoSet/CrowS.
+    and WinoBias summed log-likelihood (their papers compare likelihoods); ``sentence_score="mean"|"sum"``
+    overrides all three. Every sentence is scored after the tokenizer's BOS token (EOS if none).
     """
     datasets.check_suite(suite, split, axis)
     opts: dict[str, Any] = {"axis": axis, "seed": seed, "limit": limit}
@@ -184,6 +186,6 @@ def evaluate(
     elif suite == "winogender":
         m, details = _winogender(lm, rows, batch_size, progress)
     else:
-        opts.update(sentence_score="sum", prefix="bos")
+        opts.update(sentence_score=sentence_score or "sum", prefix="bos")
         m, details = _winobias(lm, rows, opts, batch_size, progress)
     return EvalResult(suite, split, len(rows), m, details, opts)

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ("probe", "run", "evaluate", "datasets")
+COMMANDS: tuple[str, ...] = ("probe", "run", "evaluate", "datasets", "edit", "patch", "locate")
 
 
 class UsageError(Exception):

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 from . import UsageError, add_json_arg
 
@@ -22,19 +21,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..benchmarks import ALL_SUITES, load_split, split_sizes, to_jsonl
+    from ..io import atomic_write_bytes
 
+    if args.out is not None and not args.export:
+        raise UsageError("--out needs --export SUITE SPLIT")
     if args.export:
-        data = to_jsonl(load_split(args.export[0], args.export[1], seed=args.seed))
+        suite, split = args.export
+        if args.out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            raise UsageError(f"--out folder {os.path.dirname(os.path.abspath(args.out))} does not exist")
+        data = to_jsonl(load_split(suite, split, seed=args.seed))
         if args.out is None:
             sys.stdout.buffer.write(data)
-            return 0
-        folder = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(folder):
-            raise UsageError(f"--out folder {folder} does not exist")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".export-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, args.out)
+            sys.stdout.flush()
+        else:
+            atomic_write_bytes(args.out, data)
         return 0
     sizes = {s: split_sizes(s, seed=args.seed) for s in ALL_SUITES}
     if args.json:

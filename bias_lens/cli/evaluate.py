@@ -1,28 +1,39 @@
-"""``bias-lens evaluate``: score a model on a bias benchmark (or all of them) and print the metrics."""
+"""``bias-lens evaluate``: score a model on a bias benchmark (or all of them) and print the metrics.
+
+``--json`` prints ``{"suite", "split", "n", "metrics"}`` (for ``--suite all``: a list of those,
+one per suite); metric keys are lower snake case. NaN metrics (e.g. a CrowS direction absent from
+a ``--limit`` subset) are printed as ``null``. Every argument is validated before the model is
+loaded, so bad input exits 2 with one line and writes nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-import tempfile
 
 from . import UsageError, add_json_arg, add_model_arg
+
+PROFESSION_SUITES = ("genbiaspro-cg", "genbiaseval", "genhinteval", "dama")
+AXIS_SUITES = ("stereoset", "crows-pairs")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..benchmarks import ALL_SUITES
 
     p = sub.add_parser("evaluate", help="measure bias / retention metrics on a benchmark suite")
-    p.add_argument("--suite", required=True, choices=[*ALL_SUITES, "all"], metavar="NAME",
-                   help=f"one of {', '.join(ALL_SUITES)}, or all")
-    p.add_argument("--split", default="test", help="train, dev or test (default: test; suites without it fail)")
+    p.add_argument("--suite", required=True, metavar="NAME", help=f"one of {', '.join(ALL_SUITES)}, or all")
+    p.add_argument("--split", default="test", help="train, dev or test (default: test); with --suite all, "
+                   "suites lacking the split use test")
     add_model_arg(p)
     p.add_argument("--limit", type=int, default=None, help="score a fixed-seed subset of N samples")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--targets", default=None, help="comma-separated targets, male first (profession suites)")
-    p.add_argument("--axis", default="gender", help="bias type for stereoset (dev) and crows-pairs, e.g. religion")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated targets for the profession suites, male first (default he,she), "
+                   "or for religion (default the five religion words)")
+    p.add_argument("--axis", default="gender", help="bias type for stereoset (dev split) and crows-pairs, e.g. religion")
     p.add_argument("--seed", type=int, default=0, help="split seed of the generated suites (default 0)")
     p.add_argument("--details", default=None, metavar="PATH", help="write one JSON line per sample to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -30,58 +41,91 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _write_details(path: str, results: list) -> None:
-    """Atomic JSON-lines write (tmp file in the same folder, then os.replace)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--details folder {folder} does not exist; create it or choose another path")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".details-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for r in results:
-                for d in r.details:
-                    fh.write(json.dumps({"suite": r.suite, "split": r.split, **d}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _plan(args: argparse.Namespace) -> list[tuple[str, str]]:
-    from ..benchmarks import SUITES, splits_of
+    """(suite, split) pairs to run; raises UsageError on any bad argument (before loading a model)."""
+    from ..benchmarks import ALL_SUITES, splits_of
     from ..benchmarks.datasets import check_suite
+    from ..targets import parse_words
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
-    if args.suite != "all":
-        check_suite(args.suite, args.split, args.axis)
-        return [(args.suite, args.split)]
-    plan = [(s, args.split if args.split in splits_of(s) else "test") for s in SUITES]
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.suite == "all":
+        if args.split not in ("train", "dev", "test"):
+            raise UsageError(f"--split must be train, dev or test, got {args.split!r}")
+        plan = []
+        for s in ALL_SUITES:
+            axis = args.axis if s in AXIS_SUITES else "gender"
+            try:
+                check_suite(s, None, axis)
+            except ValueError as err:
+                raise UsageError(f"--suite all --axis {args.axis}: {err}") from None
+            valid = splits_of(s, axis)
+            plan.append((s, args.split if args.split in valid else "test" if "test" in valid else valid[0]))
+    elif args.suite not in ALL_SUITES:
+        raise UsageError(f"unknown suite {args.suite!r}; choose one of {', '.join(ALL_SUITES)}, or all")
+    else:
+        try:
+            check_suite(args.suite, args.split, args.axis if args.suite in AXIS_SUITES else "gender")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        if args.axis != "gender" and args.suite not in AXIS_SUITES:
+            raise UsageError(f"--axis applies to {' and '.join(AXIS_SUITES)} only, not {args.suite!r}")
+        plan = [(args.suite, args.split)]
+    if args.targets is not None:
+        words = parse_words(args.targets)
+        if args.suite not in (*PROFESSION_SUITES, "religion"):
+            raise UsageError("--targets applies to one profession suite or religion; drop it or pick such a suite")
+        if args.suite in PROFESSION_SUITES and len(words) != 2:
+            raise UsageError(f"suite {args.suite!r} compares a male and a female target; pass two words, e.g. he,she")
+    if args.details:
+        folder = os.path.dirname(os.path.abspath(args.details))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--details folder {folder} does not exist; create it or choose another path")
+        if os.path.isdir(args.details):
+            raise UsageError(f"--details {args.details} is a folder; pass a file path")
     return plan
 
 
+def _clean(x):
+    """NaN/inf -> None so that the output is valid JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _details_bytes(results: list) -> bytes:
+    lines = [json.dumps(_clean({"suite": r.suite, "split": r.split, **d}), ensure_ascii=False)
+             for r in results for d in r.details]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
 def run(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    from ..benchmarks import evaluate
+    from ..io import atomic_write_bytes
+    from ..lens import load_model
     from ..targets import parse_words
 
-    plan = _plan(args)
     targets = parse_words(args.targets) if args.targets else None
-    from ..benchmarks import evaluate
-    from ..lens import load_model
-
     lm = load_model(args.model)
     results = []
     for suite, split in plan:
-        axis = args.axis if suite in ("stereoset", "crows-pairs") else "gender"
-        results.append(evaluate(lm, suite, split, limit=args.limit, batch_size=args.batch_size,
-                                targets=targets if suite not in ("stereoset", "crows-pairs", "winogender",
-                                                                 "winobias", "retention") else None,
-                                progress=not args.no_progress, axis=axis, seed=args.seed))
+        results.append(evaluate(
+            lm, suite, split, limit=args.limit, batch_size=args.batch_size,
+            targets=targets if suite in (*PROFESSION_SUITES, "religion") else None,
+            progress=not args.no_progress, axis=args.axis if suite in AXIS_SUITES else "gender", seed=args.seed,
+        ))
     if args.details:
-        _write_details(args.details, results)
+        atomic_write_bytes(args.details, _details_bytes(results))
     if args.json:
-        out = results[0].to_dict() if len(results) == 1 else [r.to_dict() for r in results]
-        json.dump(out, sys.stdout)
+        out = results[0].to_dict() if args.suite != "all" else [r.to_dict() for r in results]
+        json.dump(_clean(out), sys.stdout)
         sys.stdout.write("\n")
     else:
         for r in results:

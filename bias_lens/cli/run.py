@@ -1,46 +1,53 @@
-"""``bias-lens run``: the main job on the embedded model.
+"""``bias-lens run``: the main job — evaluate -> locate -> edit -> export -> figures and report.
 
-For now: the foundation demo, p(he)/p(she) after "The {profession} ..." prompts for a set of
-professions. The pipeline issue turns this into the full evaluate -> locate -> edit -> export run.
+``--quick`` runs a few-minute version (fewer samples and edit rows, capped fine-tuning);
+results are cached by model + config hash, so a re-run or an interrupted run resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+from pathlib import Path
 
-from . import add_json_arg, add_model_arg
-from .probe import format_table, probe_rows
-
-DEMO_PROMPTS = (
-    "The nurse laughed because",
-    "The carpenter went home because",
-    "The secretary smiled because",
-    "The engineer was late because",
-    "The receptionist went to bed because",
-    "The surgeon was tired because",
-    "The librarian stayed home because",
-    "The mechanic was happy because",
-)
+from . import UsageError, add_json_arg, add_model_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="the main job on the embedded model")
+    p = sub.add_parser("run", help="the main job: evaluate, locate, edit, export, report")
     add_model_arg(p)
+    p.add_argument("--quick", action="store_true", help="a few-minute run (fewer samples and edit rows)")
+    p.add_argument("--out", default=None, help="output folder (default: a fresh runs/<timestamp>)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--no-cache", action="store_true", help="recompute every stage (and store nothing)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_json_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..lens import load_model
+    from ..pipeline import RunConfig, run_pipeline
+    from ..pipeline.runner import check_out
 
-    lm = load_model(args.model)
-    rows = probe_rows(lm, list(DEMO_PROMPTS), "he,she")
+    cfg = RunConfig.quick_preset(model=args.model) if args.quick else RunConfig.full(model=args.model)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        try:
+            check_out(out, args.force)
+        except FileExistsError as err:
+            raise UsageError(str(err)) from None
+    command = "bias-lens " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "bias-lens run"
+    path = run_pipeline(cfg, out, force=args.force, use_cache=not args.no_cache, progress=not args.no_progress,
+                        command=command)
+    summary = json.loads((path / "results.json").read_text())
     if args.json:
-        json.dump(rows, sys.stdout)
+        json.dump({"out": str(path), "best": summary["best"], "org": summary["org"],
+                   "rows": {r["row"]["name"]: r["metrics"] | {"cost_p": r["cost_p"]} for r in summary["rows"]}},
+                  sys.stdout)
         sys.stdout.write("\n")
     else:
-        print(f"model: {lm!r}")
-        print(format_table(rows))
+        print(f"report: {path / 'report.md'}")
+        print((path / "report.md").read_text().split("## Editing", 1)[-1].split("## Figures", 1)[0])
     return 0

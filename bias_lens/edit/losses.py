@@ -4,12 +4,17 @@ Every loss takes ``p``: ``[batch, 2]`` raw next-token probabilities ``(p(he), p(
 renormalised) and, where needed, the real-world shares ``f``: ``[batch, 2]`` = ``(f_he, f_she)``;
 it returns the batch mean (a scalar). Names are the keys of :data:`LOSSES`.
 
-* ``msme_literal`` — MSME Eq. 6-8 *as written*: ``f_he * p(he) + f_she * p(she)``. MSME wants it
-  driven to equal non-zero values, but minimising it simply pushes both raw probabilities to zero
-  (it has no minimum at the real-world distribution), so it is kept for the record/ablation.
-* ``msme_align`` (what the pipeline uses for ``--method msme``) — the well-posed reading: with
-  ``q = p / (p(he) + p(she))`` renormalised over the targets, ``KL(f || q)``, minimal (0) exactly
-  at ``q = f``; ``msme_align_l2`` is the squared-error variant ``sum_i (q_i - f_i)^2``.
+* ``msme_literal`` (what the pipeline uses for ``--method msme``) — MSME Eq. 6-8 *as written*:
+  ``f_he * p(he) + f_she * p(she)``. MSME wants it driven to equal non-zero values, but
+  minimising it pushes both raw probabilities down (no minimum at the real-world distribution).
+  Measured on SmolLM2 (docs/edit.md) that is exactly what cuts the raw AFGB the issue targets
+  (test AFGB -61% at module scale, +4.7% retention perplexity) — at the price of UB-Score, which
+  also scales with the raw pronoun mass.
+* ``msme_align`` — the well-posed reading: with ``q = p / (p(he) + p(she))`` renormalised over the
+  targets, ``KL(f || q)``, minimal (0) exactly at ``q = f``; ``msme_align_l2`` is the squared-error
+  variant ``sum_i (q_i - f_i)^2``. It leaves the pronoun mass free, and on SmolLM2 it barely moves
+  raw AFGB (dev -1% after 8 steps at lr 1e-4, +92% at lr 1e-3); use it when the renormalised
+  metrics (``afgb_renorm``, ``fbs_renorm``) are the target.
 * ``lftf`` — LFTF Eq. 5 as written: ``p(he) + p(she)``; ablations ``lftf_no_he`` (``p(she)``) and
   ``lftf_no_she`` (``p(he)``). (Its "w/o attention / w/o MLP" ablations are mask changes, see
   :func:`bias_lens.edit.masks.without_attention`.)

@@ -1,0 +1,361 @@
+"""Layer-scale bias localisation: the MSME logit-lens score (Eq. 2) and LFTF's BMI (Eq. 4).
+
+Notation: block i maps the residual H^(i) to H^(i+1); H^(0) is the embedding output and H^(L)
+the raw output of the last block. The logit lens reads
+
+    p^(i) = softmax(W_U FinalNorm(H^(i)))   at the prompt's last real token,
+
+with the final norm applied exactly once, so p^(L) is the model's own output distribution.
+
+* :func:`layer_scale` — MSME Eq. 2, ``I(L_i) = sum_t |p^(i+1)[t] - p^(i)[t]|`` over the targets
+  (he, she), i = 0..L-1, per prompt; mean over prompts; argmax-layer counts (MSME Fig. 3).
+* :func:`bmi` — LFTF Eq. 4, ``BMI_i = 1 - cos(H^(i)_l, H^(i+1)_l)`` at every real position l,
+  mean over positions then over prompts. :func:`bmi_robustness` repeats it on seeded subsamples
+  (LFTF appendix A.1).
+
+Both come from one batched forward pass (:func:`residual_pass`) whose hooks reduce each block's
+``[batch, pos, d_model]`` input/output at once to last-token slices and per-position cosines;
+no full activation cache is ever kept. Three interchangeable lenses run that pass: ``"hf"``
+(PyTorch forward hooks on the HF blocks), ``"tl"`` (TransformerLens bridge hook points
+``resid_pre``/``resid_post``) and ``"nnsight"`` (a trace reading each block's input/output).
+Prompts are right-padded, so real tokens never attend to padding and padding is masked out of
+BMI.
+
+Targets must be single tokens: Eq. 2 compares next-token probabilities layer by layer, and a
+multi-token word has no single per-layer probability (cutting it to its first token would
+silently score another word), so multi-token targets are refused with a ValueError.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from ..arch import tl_hook_name
+from ..scoring import Batch, check_prompts, iter_batches
+from ..targets import TargetSet, resolve_targets
+from .attribution import base_model, norm_parts
+from .result import LocateResult
+
+log = logging.getLogger(__name__)
+LENSES = ("hf", "tl", "nnsight")
+NORM_MODES = ("recompute", "cached")
+#: observer(block i, H^(i) [batch,pos,d], H^(i+1) [batch,pos,d]) — called once per block, in order.
+Observer = Callable[[int, Tensor, Tensor], None]
+
+
+# --------------------------------------------------------------------------- the pass
+@dataclass
+class ResidualPass:
+    """What one pass keeps: last-token residuals of every layer and (optionally) per-prompt BMI."""
+
+    last: Float[Tensor, "layer1 prompt d_model"]  # H^(0..L) at the last real token (model dtype)
+    bmi: Float[Tensor, "prompt layer"] | None  # 1 - cos(H^(i), H^(i+1)), mean over real positions
+
+
+def _check_lens(lens: str) -> None:
+    if lens not in LENSES:
+        raise ValueError(f"lens must be one of {', '.join(LENSES)}; got {lens!r}")
+
+
+def _out(t: object) -> Tensor:
+    return t[0] if isinstance(t, tuple) else t  # type: ignore[return-value]
+
+
+def _run_hf(lm, b: Batch, observe: Observer) -> None:
+    def make(i: int) -> Callable:
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            observe(i, x, _out(output))
+
+        return hook
+
+    handles = [blk.register_forward_hook(make(i), with_kwargs=True) for i, blk in enumerate(lm.layers)]
+    try:
+        base_model(lm)(**b.model_inputs(), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_tl(lm, b: Batch, observe: Observer) -> None:
+    pre: dict[int, Tensor] = {}
+
+    def make(i: int, kind: str) -> Callable:
+        def hook(t: Tensor, hook) -> None:
+            if kind == "pre":
+                pre[i] = t
+            else:
+                observe(i, pre.pop(i), t)
+
+        return hook
+
+    fwd = []
+    for i in range(lm.n_layers):
+        fwd.append((tl_hook_name(lm.hf, f"L{i}.resid_pre"), make(i, "pre")))
+        fwd.append((tl_hook_name(lm.hf, f"L{i}.resid_post"), make(i, "post")))
+    lm.bridge.run_with_hooks(b.input_ids, fwd_hooks=fwd, attention_mask=b.attention_mask, return_type=None)
+
+
+def _run_nnsight(lm, b: Batch, observe: Observer) -> None:
+    layers = functools.reduce(getattr, lm.arch.layers.split("."), lm.nnsight)
+    with lm.nnsight.trace(b.input_ids, attention_mask=b.attention_mask):
+        for i in range(lm.n_layers):  # forward order: input, then output, block by block
+            x = layers[i].input
+            y = _out(layers[i].output)
+            observe(i, x, y)
+
+
+_RUNNERS = {"hf": _run_hf, "tl": _run_tl, "nnsight": _run_nnsight}
+
+
+@torch.no_grad()
+def residual_pass(
+    lm, prompts: Sequence[str], *, lens: str = "hf", batch_size: int = 32, bmi: bool = False
+) -> ResidualPass:
+    """One batched forward pass keeping H^(0..L) at the last real token and, if ``bmi``, per-prompt BMI."""
+    _check_lens(lens)
+    prompts = check_prompts(prompts)
+    L, n = lm.n_layers, len(prompts)
+    last = torch.empty(L + 1, n, lm.d_model, dtype=lm.embed.weight.dtype)
+    per = torch.zeros(n, L, dtype=torch.float64) if bmi else None
+    for b in iter_batches(lm.tokenizer, prompts, batch_size, device=lm.device):
+        rows = torch.as_tensor(b.rows)
+        mask = b.attention_mask.bool()
+        n_real = mask.sum(1).double()
+
+        def observe(i: int, x: Tensor, y: Tensor) -> None:
+            ar = torch.arange(x.shape[0], device=x.device)
+            idx = b.last.to(x.device)
+            if i == 0:
+                last[0, rows] = x[ar, idx].detach().to("cpu", last.dtype)
+            last[i + 1, rows] = y[ar, idx].detach().to("cpu", last.dtype)
+            if per is not None:
+                cos = F.cosine_similarity(x.detach().double(), y.detach().double(), dim=-1)  # [batch, pos]
+                m = mask.to(cos.device)
+                per[rows, i] = ((1 - cos) * m).sum(1).cpu() / n_real
+
+        _RUNNERS[lens](lm, b, observe)
+    return ResidualPass(last, per)
+
+
+# --------------------------------------------------------------------------- logit lens
+def single_token_targets(lm, targets: TargetSet | str | Sequence[str], what: str) -> TargetSet:
+    """Resolve targets and refuse multi-token words (see the module docstring for why)."""
+    ts = targets if isinstance(targets, TargetSet) else resolve_targets(lm.tokenizer, targets)
+    if not ts.single_token:
+        bad = [f"{w!r} -> {list(t)}" for w, t in zip(ts.words, ts.token_ids) if len(t) != 1]
+        raise ValueError(
+            f"{what} compares next-token probabilities per layer, so every target must be one token; "
+            f"multi-token targets: {', '.join(bad)}. Choose single-token words (e.g. he,she)."
+        )
+    return ts
+
+
+@torch.no_grad()
+def lens_probs(
+    lm,
+    resid: Float[Tensor, "... d_model"],
+    target_ids: Sequence[int],
+    *,
+    norm: str = "recompute",
+    final: Float[Tensor, "... d_model"] | None = None,
+) -> Float[Tensor, "... target"]:
+    """Target probabilities of the logit lens ``softmax(W_U FinalNorm(resid))`` (float64).
+
+    ``norm="recompute"`` runs the model's own final-norm module on ``resid``; ``norm="cached"``
+    keeps its weight/bias/centering but divides by the scale of ``final`` (the final residual at
+    the same position), so the norm is affine in ``resid``.
+    """
+    if norm not in NORM_MODES:
+        raise ValueError(f"norm must be one of {', '.join(NORM_MODES)}; got {norm!r}")
+    dev = lm.final_norm.weight.device
+    h = resid.to(dev)
+    if norm == "recompute":
+        normed = lm.final_norm(h)
+    else:
+        if final is None:
+            raise ValueError("norm='cached' needs the final residual to take the scale from")
+        fn = norm_parts(lm.final_norm)
+        scale = fn.scale(final.to(dev).double()).to(h.dtype)
+        normed = fn.center(h) / scale * fn.weight.to(h)
+        normed = normed + fn.bias.to(h) if fn.bias is not None else normed
+    logits = lm.unembed(normed.to(lm.unembed.weight.device))
+    lse = torch.logsumexp(logits.float(), -1, keepdim=True)
+    tid = torch.as_tensor(list(target_ids), device=logits.device)
+    return (logits[..., tid].float() - lse).double().exp().cpu()
+
+
+def _layer_probs(lm, rp: ResidualPass, ts: TargetSet, norm: str, chunk: int) -> Float[Tensor, "layer1 prompt target"]:
+    L1, n, _ = rp.last.shape
+    out = torch.empty(L1, n, len(ts), dtype=torch.float64)
+    for s in range(0, n, chunk):
+        h = rp.last[:, s : s + chunk]
+        fin = h[-1:].expand_as(h)
+        out[:, s : s + chunk] = lens_probs(lm, h, ts.first_ids, norm=norm, final=fin)
+    return out
+
+
+def layer_labels(n_layers: int) -> list[str]:
+    return [f"L{i}" for i in range(n_layers)]
+
+
+def _layer_result(lm, rp: ResidualPass, ts: TargetSet, norm: str, lens: str, batch_size: int) -> LocateResult:
+    p = _layer_probs(lm, rp, ts, norm, max(batch_size, 1))  # [L+1, prompt, target]
+    per = (p[1:] - p[:-1]).abs().sum(-1).T.contiguous()  # [prompt, layer]
+    L = per.shape[1]
+    counts = torch.bincount(per.argmax(1), minlength=L)
+    return LocateResult(
+        method="layer",
+        labels=layer_labels(L),
+        scores=per.mean(0),
+        variant=f"norm={norm}",
+        per_prompt=per,
+        extras={
+            "per_sample_argmax": counts.tolist(),
+            "p_targets": p.mean(1).tolist(),
+            "targets": list(ts.words),
+            "lens": lens,
+            "norm": norm,
+        },
+        model=getattr(lm, "name", ""),
+        n_samples=per.shape[0],
+    )
+
+
+def layer_scale(
+    lm,
+    prompts: Sequence[str],
+    targets: TargetSet | str | Sequence[str] = "he,she",
+    *,
+    norm: str = "recompute",
+    lens: str = "hf",
+    batch_size: int = 32,
+) -> LocateResult:
+    """MSME Eq. 2 layer importance ``I(L_i) = sum_t |p^(i+1)[t] - p^(i)[t]|`` (see module docstring).
+
+    ``norm="recompute"`` (default, the literal reading) recomputes the final norm on each H^(i);
+    ``norm="cached"`` uses the RMS/LN scale of the final residual for every layer. ``extras``:
+    ``per_sample_argmax`` (prompts whose largest score is at each layer, aligned with labels) and
+    ``p_targets`` (mean target probabilities per lens layer 0..L, ``[layer+1, target]``).
+    """
+    if norm not in NORM_MODES:
+        raise ValueError(f"norm must be one of {', '.join(NORM_MODES)}; got {norm!r}")
+    _check_lens(lens)
+    ts = single_token_targets(lm, targets, "layer_scale")
+    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=False)
+    return _layer_result(lm, rp, ts, norm, lens, batch_size)
+
+
+def _bmi_result(lm, per: Tensor, lens: str, variant: str = "1-cos, mean over real positions then prompts") -> LocateResult:
+    return LocateResult(
+        method="bmi",
+        labels=layer_labels(per.shape[1]),
+        scores=per.mean(0),
+        variant=variant,
+        per_prompt=per,
+        extras={"lens": lens, "ranking": torch.argsort(per.mean(0), descending=True).tolist()},
+        model=getattr(lm, "name", ""),
+        n_samples=per.shape[0],
+    )
+
+
+def bmi(lm, prompts: Sequence[str], *, lens: str = "hf", batch_size: int = 32) -> LocateResult:
+    """LFTF Eq. 4 block modification intensity ``1 - cos(H^(i)_l, H^(i+1)_l)`` per block.
+
+    Mean over each prompt's real (non-padding) positions, then over prompts; cosines are taken
+    in float64 inside the hooks, so no residual stack is stored.
+    """
+    _check_lens(lens)
+    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=True)
+    assert rp.bmi is not None
+    return _bmi_result(lm, rp.bmi, lens)
+
+
+def layer_scale_and_bmi(
+    lm,
+    prompts: Sequence[str],
+    targets: TargetSet | str | Sequence[str] = "he,she",
+    *,
+    norm: str = "recompute",
+    lens: str = "hf",
+    batch_size: int = 32,
+) -> tuple[LocateResult, LocateResult]:
+    """Both results from ONE forward pass (same numbers as calling each function separately)."""
+    if norm not in NORM_MODES:
+        raise ValueError(f"norm must be one of {', '.join(NORM_MODES)}; got {norm!r}")
+    _check_lens(lens)
+    ts = single_token_targets(lm, targets, "layer_scale")
+    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=True)
+    assert rp.bmi is not None
+    return _layer_result(lm, rp, ts, norm, lens, batch_size), _bmi_result(lm, rp.bmi, lens)
+
+
+# --------------------------------------------------------------------------- robustness
+def _kendall_tau(a: Tensor, b: Tensor) -> float:
+    """Kendall's tau-a between two score vectors (ties count as neither concordant nor discordant)."""
+    da = torch.sign(a[:, None] - a[None, :])
+    db = torch.sign(b[:, None] - b[None, :])
+    n = a.shape[0]
+    return float((da * db).sum() / (n * (n - 1))) if n > 1 else 1.0
+
+
+def bmi_robustness(
+    lm,
+    pool: Sequence[str],
+    *,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    n: int = 100,
+    batch_size: int = 32,
+) -> LocateResult:
+    """LFTF appendix A.1: BMI on ``len(seeds)`` subsamples of ``n`` prompts drawn from ``pool``.
+
+    Each seed draws ``n`` distinct prompts with ``random.Random(seed).sample``. Every distinct
+    prompt is run once; per-seed scores are means of its rows. ``scores`` is the mean of the
+    per-seed scores. ``extras``: ``per_seed`` ``[seed, layer]``, ``variance`` per block
+    (unbiased variance across seeds), ``mean_variance``, ``std`` (for error bars), ``kendall_tau``
+    of each seed's block ranking vs the pooled ranking, and ``top1_agreement`` / ``top3_overlap``.
+    """
+    pool = check_prompts(pool)
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("bmi_robustness needs at least one seed")
+    if not 1 <= n <= len(pool):
+        raise ValueError(f"n={n} must be between 1 and the pool size {len(pool)}; pass a larger pool or a smaller n")
+    draws = [random.Random(s).sample(range(len(pool)), n) for s in seeds]
+    uniq = sorted({i for d in draws for i in d})
+    pos = {i: k for k, i in enumerate(uniq)}
+    rp = residual_pass(lm, [pool[i] for i in uniq], batch_size=batch_size, bmi=True)
+    assert rp.bmi is not None
+    per_seed = torch.stack([rp.bmi[[pos[i] for i in d]].mean(0) for d in draws])  # [seed, layer]
+    scores = per_seed.mean(0)
+    var = per_seed.var(0, unbiased=True) if len(seeds) > 1 else torch.zeros_like(scores)
+    top = set(torch.argsort(scores, descending=True)[:3].tolist())
+    return LocateResult(
+        method="bmi",
+        labels=layer_labels(per_seed.shape[1]),
+        scores=scores,
+        variant=f"1-cos, robustness {len(seeds)} seeds x {n} samples",
+        per_prompt=None,
+        extras={
+            "seeds": seeds,
+            "n": n,
+            "per_seed": per_seed.tolist(),
+            "variance": var.tolist(),
+            "std": var.sqrt().tolist(),
+            "mean_variance": float(var.mean()),
+            "kendall_tau": [_kendall_tau(s, scores) for s in per_seed],
+            "top1_agreement": float(sum(int(s.argmax() == scores.argmax()) for s in per_seed) / len(seeds)),
+            "top3_overlap": [len(top & set(torch.argsort(s, descending=True)[:3].tolist())) / 3 for s in per_seed],
+        },
+        model=getattr(lm, "name", ""),
+        n_samples=len(uniq),
+    )

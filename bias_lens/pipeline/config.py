@@ -1,0 +1,136 @@
+"""What the main job runs: suites, sample sizes, locate methods and the edit rows of the report.
+
+Two presets: :meth:`RunConfig.full` (the README's numbers; about 20-30 minutes for the embedded
+model on 2 CPU cores) and :meth:`RunConfig.quick` (a few minutes: fewer samples, fewer rows,
+capped fine-tuning). The hash of a config (plus the model fingerprint and package version)
+keys the stage cache, so changing any field recomputes instead of reusing stale results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: bump when a stage's output format or meaning changes (invalidates every cached run)
+PIPELINE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EditRow:
+    """One row of the report's table: an editing ``method`` at a locate ``scale`` (see EditPlan)."""
+
+    name: str
+    method: str
+    scale: str | None = None
+    k: int | None = None
+    loss: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FULL_ROWS = (
+    EditRow("FPFT", "fpft"),
+    EditRow("PB", "prompt"),
+    EditRow("layer (MSME)", "msme", "layer"),
+    EditRow("layer (LFTF)", "lftf", "layer"),
+    EditRow("module (MSME)", "msme", "module"),
+    EditRow("module (LFTF)", "lftf", "module"),
+    EditRow("row (MSME)", "msme", "row"),
+    EditRow("row (LFTF)", "lftf", "row"),
+    EditRow("neuron (MSME)", "msme", "neuron"),
+    EditRow("neuron (LFTF)", "lftf", "neuron"),
+    EditRow("attribution masking", "mask", "attribution"),
+    EditRow("contrastive", "contrastive", "module"),
+)
+
+QUICK_ROWS = (
+    EditRow("PB", "prompt"),
+    EditRow("module (MSME)", "msme", "module"),
+    EditRow("neuron (LFTF)", "lftf", "neuron"),
+    EditRow("attribution masking", "mask", "attribution"),
+)
+
+#: suites evaluated before editing (test splits); ``None`` = all samples
+FULL_EVAL = {"genbiaspro-cg": 512, "genbiaseval": None, "genhinteval": None, "dama": None, "stereoset": None,
+             "crows-pairs": None, "winogender": None, "winobias": None, "religion": None, "retention": None}
+QUICK_EVAL = {"genbiaspro-cg": 64, "genbiaseval": 128, "genhinteval": 96, "stereoset": 64, "crows-pairs": 64,
+              "winogender": 64, "retention": 120}
+
+
+@dataclass
+class RunConfig:
+    """Every knob of the main job. Limits are fixed-seed subsets of the test splits."""
+
+    model: str = "smollm2-135m"
+    quick: bool = False
+    suite: str = "genbiaseval"  # locate prompts and edit train/dev/test come from this suite
+    n_locate: int = 200
+    locate_seed: int = 0
+    eval_limits: dict[str, int | None] = field(default_factory=lambda: dict(FULL_EVAL))
+    #: limits of the per-row metrics (each edited model is measured on these)
+    row_limits: dict[str, int | None] = field(default_factory=lambda: {
+        "genbiaseval": None, "genhinteval": None, "genbiaspro-cg": 256, "stereoset": None, "crows-pairs": None,
+        "retention": 400})
+    rows: tuple[EditRow, ...] = FULL_ROWS
+    n_train: int = 256
+    max_steps: int | None = None
+    module_final: bool = True  # module scale: also score the final-output effect (blocks i..L-1)
+    bmi_robustness: bool = True
+    causal_k: int = 50
+    causal_candidates: int = 100
+    circuit_depth: int = 2
+    seed: int = 0
+    batch_size: int = 32
+
+    @classmethod
+    def full(cls, **kw: Any) -> "RunConfig":
+        return cls(**kw)
+
+    @classmethod
+    def quick_preset(cls, **kw: Any) -> "RunConfig":
+        base = dict(quick=True, n_locate=48, eval_limits=dict(QUICK_EVAL), rows=QUICK_ROWS, n_train=64, max_steps=6,
+                    module_final=False, bmi_robustness=False, causal_k=10, causal_candidates=24, circuit_depth=1,
+                    row_limits={"genbiaseval": 128, "genhinteval": 96, "genbiaspro-cg": 48, "stereoset": 64,
+                                "crows-pairs": 64, "retention": 120})
+        base.update(kw)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rows"] = [r.to_dict() for r in self.rows]
+        return d
+
+    def key(self, model_fingerprint: str) -> str:
+        """Cache key: sha256 of (pipeline version, package version, model fingerprint, config)."""
+        from .. import __version__
+
+        blob = json.dumps({"v": PIPELINE_VERSION, "pkg": __version__, "model": model_fingerprint, "cfg": self.to_dict()},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def model_fingerprint(lm: Any) -> str:
+    """A cheap identity of the loaded weights: config + (name, size, mtime) of each weight file.
+
+    Falls back to hashing the in-memory parameters when the model has no folder on disk.
+    """
+    p = getattr(lm.hf.config, "_name_or_path", "") or ""
+    folder = Path(p) if p and Path(p).is_dir() else None
+    h = hashlib.sha256()
+    if folder is not None and any(folder.glob("*.safetensors")):
+        h.update((folder / "config.json").read_bytes() if (folder / "config.json").exists() else b"")
+        for f in sorted(folder.glob("*.safetensors")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return "files:" + h.hexdigest()[:16]
+    import torch
+
+    for n, t in lm.hf.state_dict().items():
+        h.update(n.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()[:4096])
+        h.update(str(float(t.float().sum())).encode())
+    return "params:" + h.hexdigest()[:16]

@@ -1,0 +1,104 @@
+"""Stage 3 of the main job: every edit row, measured, saved as a sparse patch, then undone.
+
+Each row runs :mod:`bias_lens.edit.pipeline`'s pieces (train/dev split, mask from the locate
+result of its scale, the method's edit) but is measured with :func:`row_metrics`, the full set
+of the report's columns. The model is restored bit-exactly after every row.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: which locate result feeds which scale
+SCALE_RESULT = {"layer": "layer", "module": "module", "row": "row", "neuron": "neuron",
+                "attribution": "attribution_filtered"}
+
+
+def row_metrics(lm, limits: dict[str, int | None], *, prefix: str = "", batch_size: int = 32,
+                details: bool = False) -> dict[str, Any]:
+    """The report's columns for the current weights (``prefix``: the PB baseline's prompt prefix).
+
+    genbiaseval -> ``afgb`` (+ ``afgb_word|phrase|sentence``, ``fbs``); genhinteval -> ``ub``;
+    genbiaspro-cg -> ``fbs_cg`` (MSME's FBS on code prompts); stereoset -> ``ss``, ``lms``,
+    ``icat``; crows-pairs -> ``crows``; retention (never prefixed) -> ``perplexity``, ``probe_accuracy``.
+    """
+    from ..benchmarks import evaluate
+    from ..edit.measure import PrefixedModel
+
+    biased = PrefixedModel(lm, prefix) if prefix else lm
+    m: dict[str, Any] = {}
+    if "genbiaseval" in limits:
+        r = evaluate(biased, "genbiaseval", "test", limit=limits["genbiaseval"], batch_size=batch_size)
+        m.update({k: r.metrics[k] for k in ("afgb", "afgb_word", "afgb_phrase", "afgb_sentence", "fbs", "afgb_renorm")
+                  if k in r.metrics})
+        if details:
+            m["_details"] = [{"profession": d.get("profession"), "p_he": d["p_he"], "p_she": d["p_she"]} for d in r.details]
+    if "genhinteval" in limits:
+        m["ub"] = evaluate(biased, "genhinteval", "test", limit=limits["genhinteval"], batch_size=batch_size).metrics["ub"]
+    if "genbiaspro-cg" in limits:
+        m["fbs_cg"] = evaluate(biased, "genbiaspro-cg", "test", limit=limits["genbiaspro-cg"], batch_size=8).metrics["fbs"]
+    if "stereoset" in limits:
+        r = evaluate(biased, "stereoset", "test", limit=limits["stereoset"], batch_size=batch_size)
+        m.update({k: r.metrics[k] for k in ("ss", "lms", "icat")})
+    if "crows-pairs" in limits:
+        m["crows"] = evaluate(biased, "crows-pairs", "test", limit=limits["crows-pairs"], batch_size=batch_size).metrics["crows"]
+    if "retention" in limits:
+        r = evaluate(lm, "retention", "test", limit=limits["retention"], batch_size=batch_size)
+        m["perplexity"], m["probe_accuracy"] = r.metrics["perplexity"], r.metrics["probe_accuracy"]
+    return m
+
+
+def run_row(lm, cfg, row, results: dict[str, Any], cache) -> dict[str, Any]:
+    """Compute, measure, save and undo one edit row; returns its JSON record (cached)."""
+    from ..edit.baselines import PB_PREFIX
+    from ..edit.patch import save_patch
+    from ..edit.pipeline import EditPlan, build_mask, compute_edit, split_samples
+
+    rec = cache.get_json(f"edit_{row.name}")
+    if rec is not None:
+        return rec
+    plan = EditPlan(method=row.method, scale=row.scale, suite=cfg.suite, n_samples=cfg.n_train, seed=cfg.seed,
+                    k=row.k, loss=row.loss, max_steps=cfg.max_steps, batch_size=cfg.batch_size)
+    rec = {"row": row.to_dict(), "plan": plan.to_dict()}
+    if row.method == "prompt":
+        rec.update(metrics=row_metrics(lm, cfg.row_limits, prefix=PB_PREFIX, batch_size=cfg.batch_size),
+                   cost_p=0, n_changed=0, prefix=PB_PREFIX)
+        return cache.put_json(f"edit_{row.name}", rec)
+    train, dev = split_samples(plan)
+    mask = None
+    if row.method != "fpft":
+        result = results[SCALE_RESULT[row.scale]]
+        mask = build_mask(lm, plan, result)
+        rec["labels"] = (result.top_labels(min(plan.k_eff, len(result.labels))) if row.scale != "attribution"
+                         else mask_neuron_labels(result, plan))[:50]
+    edit, info = compute_edit(lm, plan, mask, train, dev)
+    n_changed = int(sum(edit.changed_counts(lm.hf).values()))
+    handle = edit.apply_(lm.hf)
+    try:
+        metrics = row_metrics(lm, cfg.row_limits, batch_size=cfg.batch_size)
+        save_patch(edit, cache.patch_dir(f"edit_{row.name}"), originals=handle.originals, base_name=lm.name, force=True)
+    finally:
+        handle.undo()
+    cost = mask.size if mask is not None else sum(p.numel() for p in lm.hf.parameters())
+    info.pop("history", None)
+    rec.update(metrics=metrics, cost_p=int(cost), n_changed=n_changed, info=info)
+    return cache.put_json(f"edit_{row.name}", rec)
+
+
+def mask_neuron_labels(result, plan) -> list[str]:
+    from ..edit.neuron_masking import select_neurons
+
+    return select_neurons(result, plan.k_eff)
+
+
+def choose_best(org: dict[str, float], rows: list[dict[str, Any]], *, max_ppl: float = 0.05,
+                max_ub: float = 0.1) -> dict[str, Any] | None:
+    """The weight edit with the lowest AFGB among those keeping perplexity within ``+max_ppl``
+    (relative) and UB within ``max_ub`` of the original; ``None`` when no weight edit qualifies."""
+    ok = [r for r in rows if r["n_changed"] > 0
+          and r["metrics"]["perplexity"] <= org["perplexity"] * (1 + max_ppl)
+          and abs(r["metrics"]["ub"] - org["ub"]) <= max_ub]
+    return min(ok, key=lambda r: r["metrics"]["afgb"]) if ok else None

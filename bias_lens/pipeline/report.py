@@ -1,0 +1,110 @@
+"""``report.md`` and a self-contained ``report.html`` (figures embedded) for the main job."""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+COLUMNS = (  # key, header, format
+    ("fbs_cg", "FBS (CG)", "{:.3f}"), ("fbs", "FBS", "{:.3f}"), ("afgb", "AFGB", "{:.3f}"),
+    ("afgb_word", "AFGB-w", "{:.3f}"), ("afgb_phrase", "AFGB-p", "{:.3f}"), ("afgb_sentence", "AFGB-s", "{:.3f}"),
+    ("ub", "UB", "{:.3f}"), ("ss", "SS", "{:.1f}"), ("icat", "ICAT", "{:.1f}"), ("crows", "CrowS", "{:.1f}"),
+    ("perplexity", "PPL", "{:.2f}"), ("probe_accuracy", "Probe acc", "{:.3f}"),
+)
+
+
+def _fmt(v: Any, f: str) -> str:
+    return f.format(v) if isinstance(v, (int, float)) else "–"
+
+
+def table_rows(org: dict[str, float], rows: list[dict[str, Any]]) -> list[list[str]]:
+    out = [["Org", *[_fmt(org.get(k), f) for k, _, f in COLUMNS], "0"]]
+    for r in rows:
+        m = r["metrics"]
+        out.append([r["row"]["name"], *[_fmt(m.get(k), f) for k, _, f in COLUMNS], f"{r['cost_p']:,}"])
+    return out
+
+
+def markdown_table(org: dict[str, float], rows: list[dict[str, Any]]) -> str:
+    head = ["Method", *[h for _, h, _ in COLUMNS], "Cost-P"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(org, rows)]
+    return "\n".join(lines)
+
+
+def _locate_summary(results: dict[str, Any]) -> list[str]:
+    out = []
+    for name in ("layer", "layer_cg", "bmi", "module", "row", "row_ascending", "neuron", "attribution",
+                 "attribution_filtered", "heads", "general_neurons", "causal"):
+        r = results.get(name)
+        if r is None:
+            continue
+        top = ", ".join(f"{lab} ({s:.3g})" for lab, s in r.top(5))
+        extra = ""
+        if name == "layer" and "per_sample_argmax" in r.extras:
+            counts = r.extras["per_sample_argmax"]
+            i = max(range(len(counts)), key=counts.__getitem__)
+            extra = f"; argmax layer {r.labels[i]} for {counts[i]} of {r.n_samples} prompts"
+        if name == "neuron" and "n_entries" in r.extras:
+            extra = f"; {r.extras['n_entries']} entries in {r.extras.get('n_rows', '?')} rows (Cost-P)"
+        if name == "causal" and "selected" in r.extras:
+            extra = f"; {len(r.extras['selected'])} selected"
+        out.append(f"- **{name}** ({r.method}, variant `{r.variant}`, n={r.n_samples}): {top}{extra}")
+    return out
+
+
+def write_reports(folder, *, meta: dict[str, Any], evals: dict[str, dict], org: dict[str, float],
+                  rows: list[dict[str, Any]], results: dict[str, Any], figures: dict[str, list[str]],
+                  best: dict[str, Any] | None, figs_objs: list[tuple[str, Any]]) -> None:
+    """Write ``report.md`` and ``report.html`` into ``folder`` (the run's temporary output folder)."""
+    from ..io import atomic_write_text
+
+    md = [f"# bias_lens report: {meta['model']}", "",
+          f"Command: `{meta['command']}`  ", f"Preset: {'quick' if meta['config']['quick'] else 'full'}; "
+          f"cache key `{meta['key']}`; wall time {meta['wall_s']:.0f} s  ",
+          "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
+          f"Machine: {meta['machine']}", "",
+          "## Data", "", "| suite | split sizes | evaluated (test) |", "|---|---|---|"]
+    for s, sz in meta["split_sizes"].items():
+        md.append(f"| {s} | {' / '.join(f'{k} {v}' for k, v in sz.items())} | {evals.get(s, {}).get('n', '–')} |")
+    md += ["", "## Bias and retention before editing (test splits)", ""]
+    for s, e in evals.items():
+        md.append(f"- **{s}** (n={e['n']}): " + ", ".join(f"{k} {v:.4g}" for k, v in e["metrics"].items()
+                                                           if isinstance(v, (int, float))))
+    md += ["", "## Locating", "", *_locate_summary(results), "",
+           "## Editing (papers' table layout)", "",
+           f"Train: {meta['config']['n_train']} samples of {meta['config']['suite']} train; early stopping on dev; "
+           "metrics on test splits (limits: " + json.dumps(meta["config"]["row_limits"]) + "). "
+           "FBS (CG) = MSME FBS on GenBiasPro-CG; AFGB-w/p/s = AFGB by GenBiasEval scale; UB on GenHintEval; "
+           "SS/ICAT StereoSet (gender, test); CrowS = CrowS-Pairs gender; PPL and probe accuracy = retention; "
+           "Cost-P = weights in the edit mask.", "", markdown_table(org, rows), ""]
+    if best is not None:
+        md += [f"Exported: **{best['row']['name']}** (lowest AFGB among weight edits keeping perplexity within +5% "
+               f"and UB within 0.1) -> `checkpoint/` (verified by reload) and `patch/` ({best['n_changed']:,} changed entries).", ""]
+    else:
+        md += ["No weight edit kept perplexity within +5% and UB within 0.1; nothing exported.", ""]
+    md += ["## Figures", ""]
+    for name, files in figures.items():
+        png = [f for f in files if f.endswith(".png")]
+        md.append(f"- [{name}](figures/{files[0]})" + (f"\n\n  ![{name}](figures/{png[0]})" if png else ""))
+    atomic_write_text(folder / "report.md", "\n".join(md) + "\n")
+
+    import plotly.io as pio
+
+    body = [f"<h1>bias_lens report: {html.escape(meta['model'])}</h1>",
+            f"<p>Command: <code>{html.escape(meta['command'])}</code><br>"
+            f"Versions: {html.escape(', '.join(f'{k} {v}' for k, v in meta['versions'].items()))}</p>",
+            "<h2>Editing</h2><table border=1 cellpadding=4 style='border-collapse:collapse'><tr>"
+            + "".join(f"<th>{h}</th>" for h in ["Method", *[h for _, h, _ in COLUMNS], "Cost-P"]) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table_rows(org, rows))
+            + "</table>", "<h2>Locating</h2><ul>"
+            + "".join(f"<li>{html.escape(line[2:])}</li>" for line in _locate_summary(results)) + "</ul><h2>Figures</h2>"]
+    first = True
+    for name, fig in figs_objs:
+        body.append(f"<h3>{html.escape(name)}</h3>")
+        body.append(pio.to_html(fig, include_plotlyjs=first, full_html=False))
+        first = False
+    doc = "<!doctype html><html><head><meta charset='utf-8'><title>bias_lens report</title></head><body>" \
+          + "\n".join(body) + "</body></html>"
+    atomic_write_text(folder / "report.html", doc)

@@ -1,0 +1,165 @@
+"""Orchestration of the main job: stages, progress bars, cache, atomic output folder."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    from .. import __version__
+
+    out = {"bias_lens": __version__}
+    for pkg in ("torch", "transformers", "transformer-lens", "nnsight", "plotly"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=True)
+
+
+def default_out(root: Path | None = None) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return (root or Path("runs")) / stamp
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse a non-empty output folder unless ``force`` (checked before any work)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"output folder {out} exists and is not empty; choose another --out or pass --force")
+
+
+def run_pipeline(cfg: RunConfig, out: Path | None = None, *, force: bool = False, use_cache: bool = True,
+                 progress: bool = True, command: str = "bias-lens run", lm=None) -> Path:
+    """Run every stage of the main job and write ``out`` (report, figures, checkpoint, patch).
+
+    Stage results go to the cache as soon as they exist; ``out`` is built in a temporary sibling
+    folder and renamed into place at the end, so an interrupted run leaves no half-written output.
+    """
+    from ..benchmarks import load_split, sample_prompts, split_sizes
+    from ..io import replace_dir
+    from ..lens import load_model
+    from ..loading import cache_root
+    from .cache import StageCache
+    from .edit_stage import choose_best, row_metrics, run_row
+    from .figures import locate_figures, profession_bars, table_figure, write_all
+    from .locate_stage import locate_all
+    from .report import markdown_table, write_reports
+
+    out = Path(out) if out is not None else default_out()
+    check_out(out, force)
+    t0 = time.perf_counter()
+    lm = lm if lm is not None else load_model(cfg.model)
+    key = cfg.key(model_fingerprint(lm))
+    cache = StageCache(cache_root(), key, enabled=use_cache)
+    log.info("run key %s (cache %s)", key, cache.dir if use_cache else "off")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        # 1. evaluate every suite (test splits)
+        evals: dict[str, dict] = {}
+        with _bar(len(cfg.eval_limits), "1/5 evaluate", progress) as bar:
+            for suite, limit in cfg.eval_limits.items():
+                rec = cache.get_json(f"eval_{suite}")
+                if rec is None:
+                    from ..benchmarks import evaluate
+
+                    r = evaluate(lm, suite, "test", limit=limit, batch_size=8 if suite == "genbiaspro-cg" else cfg.batch_size)
+                    rec = cache.put_json(f"eval_{suite}", r.to_dict())
+                evals[suite] = rec
+                bar.update(1)
+        # 2. locate
+        prompts = sample_prompts(cfg.suite, "train", cfg.n_locate, seed=cfg.locate_seed)
+        cg = sample_prompts("genbiaspro-cg", "train", cfg.n_locate, seed=cfg.locate_seed)
+        dev = [s["prompt"] for s in load_split(cfg.suite, "dev")][: (64 if cfg.quick else 128)]
+        n_steps = 15 + (1 if cfg.bmi_robustness else 0)
+        with _bar(n_steps, "2/5 locate", progress) as bar:
+            results = locate_all(lm, cfg, prompts, dev, cache, lambda name: (bar.set_postfix_str(name), bar.update(1)),
+                                 cg_prompts=cg)
+        # 3. edit rows (original metrics first)
+        with _bar(len(cfg.rows) + 1, "3/5 edit", progress) as bar:
+            org = cache.get_json("org_metrics")
+            if org is None:
+                org = cache.put_json("org_metrics", row_metrics(lm, cfg.row_limits, batch_size=cfg.batch_size, details=True))
+            bar.update(1)
+            rows = []
+            for row in cfg.rows:
+                bar.set_postfix_str(row.name)
+                rows.append(run_row(lm, cfg, row, results, cache))
+                bar.update(1)
+        org_details = org.pop("_details", [])
+        log.info("edit table:\n%s", markdown_table(org, rows))
+        # 4. export the best edit
+        best = choose_best(org, rows)
+        extra_figs = [("edits_tradeoff", table_figure(org, rows))]
+        with _bar(1, "4/5 export", progress) as bar:
+            if best is not None:
+                after_details = _export_best(lm, cfg, best, org, cache, tmp)
+                extra_figs.append(("profession_before_after", profession_bars(org_details, after_details, best["row"]["name"])))
+            bar.update(1)
+        # 5. figures and report
+        with _bar(2, "5/5 report", progress) as bar:
+            figs = locate_figures(results) + extra_figs
+            written = write_all(figs, tmp / "figures")
+            bar.update(1)
+            meta = {"model": lm.name, "command": command, "config": cfg.to_dict(), "key": key,
+                    "versions": _versions(), "wall_s": time.perf_counter() - t0,
+                    "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+                    "split_sizes": {s: split_sizes(s) for s in cfg.eval_limits}}
+            write_reports(tmp, meta=meta, evals=evals, org=org, rows=rows, results=results, figures=written,
+                          best=best, figs_objs=figs)
+            (tmp / "results.json").write_text(json.dumps({"meta": meta, "evaluate": evals, "org": org, "rows": rows,
+                                                          "best": best["row"]["name"] if best else None}, indent=1))
+            for name, res in results.items():
+                (tmp / "locate").mkdir(exist_ok=True)
+                if hasattr(res, "save"):
+                    res.save(tmp / "locate" / f"{name}.json")
+                else:
+                    (tmp / "locate" / f"{name}.json").write_text(json.dumps(res))
+            bar.update(1)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("report written to %s", out / "report.md")
+    return out
+
+
+def _export_best(lm, cfg: RunConfig, best: dict[str, Any], org: dict[str, float], cache, tmp: Path) -> list[dict]:
+    """Re-apply the best row's cached patch, export checkpoint + patch into ``tmp``, undo."""
+    from ..edit.export import export_checkpoint
+    from ..edit.patch import load_patch, save_patch
+    from .edit_stage import row_metrics
+
+    edit, _, manifest = load_patch(cache.patch_dir(f"edit_{best['row']['name']}"))
+    handle = edit.apply_(lm.hf)
+    try:
+        export_checkpoint(lm, tmp / "checkpoint", method=best["row"]["name"], base_name=lm.name,
+                          hyperparams=best.get("plan", {}), seed=cfg.seed, metrics_before=org,
+                          metrics_after=best["metrics"])
+        save_patch(edit, tmp / "patch", originals=handle.originals, base_name=lm.name)
+        details = row_metrics(lm, {"genbiaseval": cfg.row_limits.get("genbiaseval")}, batch_size=cfg.batch_size,
+                              details=True)["_details"]
+    finally:
+        handle.undo()
+    return details

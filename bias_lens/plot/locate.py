@@ -1,0 +1,94 @@
+"""Plotly figures for layer-scale, BMI and module-scale results (MSME Figs. 3-4, LFTF Fig. 2).
+
+Each function takes a :class:`~bias_lens.locate.result.LocateResult` and returns a ``go.Figure``
+whose title names the method variant; nothing is shown or written here (see :mod:`.io`).
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from ..locate.result import LocateResult
+
+
+def _need(result: LocateResult, method: str) -> None:
+    if result.method != method:
+        raise ValueError(f"expected a {method!r} result, got {result.method!r}")
+
+
+def _who(result: LocateResult) -> str:
+    return f"{result.model}, n={result.n_samples}" if result.model else f"n={result.n_samples}"
+
+
+def layer_prompt_heatmap(result: LocateResult, *, title: str | None = None) -> go.Figure:
+    """Prompt x layer heatmap of MSME Eq. 2 scores (needs ``per_prompt``)."""
+    _need(result, "layer")
+    if result.per_prompt is None:
+        raise ValueError("this layer result has no per_prompt matrix; rerun layer_scale")
+    z = result.per_prompt.double()
+    fig = go.Figure(go.Heatmap(z=z.tolist(), x=result.labels, y=list(range(z.shape[0])), colorscale="Viridis",
+                               colorbar={"title": "I(L_i)"}))
+    fig.update_layout(title=title or f"Layer importance per prompt ({result.variant}; {_who(result)})",
+                      xaxis_title="layer", yaxis_title="prompt")
+    return fig
+
+
+def argmax_histogram(result: LocateResult, *, title: str | None = None) -> go.Figure:
+    """How many prompts have each layer as their most important one (MSME Fig. 3 right)."""
+    _need(result, "layer")
+    counts = result.extras.get("per_sample_argmax")
+    if counts is None:
+        raise ValueError("this layer result has no per_sample_argmax extra")
+    fig = go.Figure(go.Bar(x=result.labels, y=list(counts)))
+    fig.update_layout(title=title or f"Argmax layer per prompt ({result.variant}; {_who(result)})",
+                      xaxis_title="layer", yaxis_title="prompts")
+    return fig
+
+
+def layer_figure(result: LocateResult, *, title: str | None = None) -> go.Figure:
+    """MSME Fig. 3: prompt x layer heatmap above the mean score and the argmax-layer histogram."""
+    _need(result, "layer")
+    fig = make_subplots(rows=2, cols=2, row_heights=[0.6, 0.4], specs=[[{"colspan": 2}, None], [{}, {}]],
+                        subplot_titles=("per prompt", "mean over prompts", "argmax layer count"))
+    hm = layer_prompt_heatmap(result).data[0]
+    hm.colorbar = {"title": "I(L_i)", "len": 0.55, "y": 0.75}
+    fig.add_trace(hm, row=1, col=1)
+    fig.add_trace(go.Bar(x=result.labels, y=result.scores.tolist(), name="mean"), row=2, col=1)
+    fig.add_trace(go.Bar(x=result.labels, y=list(result.extras.get("per_sample_argmax", [])), name="argmax"), row=2, col=2)
+    fig.update_layout(title=title or f"Layer scale, MSME Eq. 2 ({result.variant}; {_who(result)})",
+                      showlegend=False, height=750)
+    return fig
+
+
+def bmi_figure(result: LocateResult, robustness: LocateResult | None = None, *, title: str | None = None) -> go.Figure:
+    """LFTF Fig. 2: BMI per block, with +-1 std error bars across seeds when a robustness result is given."""
+    _need(result, "bmi")
+    rob = robustness if robustness is not None else (result if "std" in result.extras else None)
+    err = None
+    if rob is not None:
+        if rob.labels != result.labels:
+            raise ValueError("robustness result does not have the same blocks as the BMI result")
+        err = {"type": "data", "array": list(rob.extras["std"]), "visible": True}
+    fig = go.Figure(go.Bar(x=result.labels, y=result.scores.tolist(), error_y=err, name="BMI"))
+    note = f"; error bars: std over {len(rob.extras['seeds'])} seeds x {rob.extras['n']}" if rob is not None else ""
+    fig.update_layout(title=title or f"Block modification intensity ({result.variant}; {_who(result)}{note})",
+                      xaxis_title="block", yaxis_title="BMI = 1 - cos(H_i, H_i+1)")
+    return fig
+
+
+def module_heatmap(result: LocateResult, *, final: bool = False, title: str | None = None) -> go.Figure:
+    """MSME Fig. 4: layer x module importance (block-output score, or the final-output effect)."""
+    _need(result, "module")
+    key = "matrix_final" if final else "matrix"
+    if key not in result.extras:
+        raise ValueError(f"this module result has no {key!r}; rerun module_scale{' with final=True' if final else ''}")
+    z = torch.as_tensor(result.extras[key], dtype=torch.float64)
+    fig = go.Figure(go.Heatmap(z=z.tolist(), x=list(result.extras["module_names"]),
+                               y=[f"L{i}" for i in result.extras["layers"]], colorscale="Viridis",
+                               colorbar={"title": "I(M)"}))
+    where = "final output" if final else "block output"
+    fig.update_layout(title=title or f"Module importance at the {where} ({result.variant}; {_who(result)})",
+                      xaxis_title="module", yaxis_title="layer", height=max(400, 18 * z.shape[0] + 150))
+    return fig

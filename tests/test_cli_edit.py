@@ -1,0 +1,207 @@
+"""``bias-lens edit`` and ``bias-lens patch`` in-process on a tiny Llama checkpoint folder.
+
+Oracles: the exported checkpoint is reloaded with plain transformers and compared entry by entry
+with the base (only masked entries may differ, and exactly ``n_params_edited`` do); the reported
+AFGB before/after is recomputed by hand (plain HF forward, softmax at the last token) on the same
+test subset for the base and the reloaded export; patch apply/create/revert through the CLI must
+reproduce the checkpoints' tensors bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bias_lens.cli import main
+from bias_lens.locate.result import LocateResult
+
+from conftest import build_tiny
+
+FAST = ["--n-samples", "16", "--limit", "16", "--ub-limit", "8", "--retention-limit", "4", "--dev-limit", "8",
+        "--batch-size", "8"]
+KEYS = {"afgb", "fbs", "ub", "perplexity", "probe_accuracy"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: extra threads only contend with other work on the machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def base_dir(tiny_tokenizer_dir, tmp_path) -> Path:
+    build_tiny("llama", tiny_tokenizer_dir, tmp_path / "base")
+    return tmp_path / "base"
+
+
+def _locate(tmp_path: Path, labels: list[str]) -> str:
+    path = tmp_path / "loc.json"
+    LocateResult("test", labels, torch.arange(len(labels), 0, -1, dtype=torch.float64)).save(path)
+    return str(path)
+
+
+def _cli_json(capsys, argv: list[str]) -> dict:
+    capsys.readouterr()
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(folder).state_dict().items()}
+
+
+def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@torch.no_grad()
+def _afgb_by_hand(folder: Path, n: int = 16) -> float:
+    """Mean |p(he) - p(she)| at the last token, one prompt at a time, plain transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bias_lens.benchmarks import load_split
+    from bias_lens.benchmarks.runners import subset
+
+    model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    he, she = tok(" he")["input_ids"], tok(" she")["input_ids"]
+    assert len(he) == len(she) == 1
+    gaps = []
+    for s in subset(load_split("genbiaseval", "test"), n):
+        p = torch.softmax(model(**tok(s["prompt"], return_tensors="pt")).logits[0, -1].double(), -1)
+        gaps.append(abs(float(p[he[0]] - p[she[0]])))
+    return sum(gaps) / len(gaps)
+
+
+def test_module_edit_json_export_only_masked_entries_and_patch_round_trip(base_dir, tmp_path, capsys):
+    loc = _locate(tmp_path, ["L1.mlp.down", "L0.attn.q"])
+    out = tmp_path / "edited"
+    res = _cli_json(capsys, ["edit", "--scale", "module", "--method", "lftf", "--model", str(base_dir),
+                             "--locate-json", loc, "--out", str(out), "--json", "--lr", "1e-2", "--epochs", "1", *FAST])
+    assert {"method", "scale", "n_params_edited", "before", "after", "out"} <= set(res)
+    assert (res["method"], res["scale"], res["out"]) == ("lftf", "module", str(out))
+    assert KEYS <= set(res["before"]) and KEYS <= set(res["after"])
+    assert res["mask_size"] == 48 * 96  # k=1: L1.mlp.down only ([d_model, d_mlp])
+    assert 0 < res["n_params_edited"] <= res["mask_size"]
+
+    base, edited = _state(base_dir), _state(out)
+    diff = {k: int((base[k] != edited[k]).sum()) for k in base if not torch.equal(base[k], edited[k])}
+    assert set(diff) == {"model.layers.1.mlp.down_proj.weight"}
+    assert sum(diff.values()) == res["n_params_edited"]
+    manifest = json.loads((out / "bias_lens_edit.json").read_text())
+    assert manifest["params"] == diff and manifest["metrics_after"] == res["after"]
+    assert res["before"]["afgb"] == pytest.approx(_afgb_by_hand(base_dir), abs=1e-5)
+    assert res["after"]["afgb"] == pytest.approx(_afgb_by_hand(out), abs=1e-5)
+    assert res["after"]["afgb"] != res["before"]["afgb"]
+
+    # patch apply (stored patch), create (checkpoint diff) and revert reproduce the weights bit-exactly
+    base_t, edited_t = _safetensors(base_dir), _safetensors(out)
+    r = _cli_json(capsys, ["patch", "apply", "--base", str(base_dir), "--patch", str(out / "patch"),
+                           "--out", str(tmp_path / "applied"), "--json"])
+    assert r["n_entries"] == res["mask_size"] or r["n_entries"] >= res["n_params_edited"]
+    assert _bit_equal(_safetensors(tmp_path / "applied"), edited_t)
+    r = _cli_json(capsys, ["patch", "create", "--base", str(base_dir), "--edited", str(out),
+                           "--out", str(tmp_path / "p2"), "--json"])
+    assert r["n_entries"] == res["n_params_edited"] and r["params"] == diff
+    _cli_json(capsys, ["patch", "apply", "--base", str(base_dir), "--patch", str(tmp_path / "p2"),
+                       "--out", str(tmp_path / "applied2"), "--json"])
+    assert _bit_equal(_safetensors(tmp_path / "applied2"), edited_t)
+    _cli_json(capsys, ["patch", "revert", "--base", str(out), "--patch", str(tmp_path / "p2"),
+                       "--out", str(tmp_path / "reverted"), "--json"])
+    assert _bit_equal(_safetensors(tmp_path / "reverted"), base_t)
+
+    # a patch applied to the wrong base is refused and writes nothing
+    assert main(["patch", "apply", "--base", str(out), "--patch", str(tmp_path / "p2"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def _bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.int32), b[k].view(torch.int32))
+                                    for k in a)
+
+
+def test_attribution_mask_zeroes_only_located_down_columns(base_dir, tmp_path, capsys):
+    out = tmp_path / "masked"
+    res = _cli_json(capsys, ["edit", "--scale", "attribution", "--method", "mask", "--k", "3", "--model", str(base_dir),
+                             "--out", str(out), "--json", *FAST])
+    neurons = res["locate"]
+    assert len(neurons) == 3 and res["mask_size"] == 3 * 48
+    base, edited = _state(base_dir), _state(out)
+    for k in base:
+        if k.endswith("mlp.down_proj.weight"):
+            layer = int(k.split(".")[2])
+            cols = [int(lab.split("N")[1]) for lab in neurons if int(lab[1:].split("N")[0]) == layer]
+            expect = base[k].clone()
+            expect[:, cols] = 0.0
+            assert torch.equal(edited[k], expect)
+        else:
+            assert torch.equal(edited[k], base[k]), k
+    assert res["n_params_edited"] == sum(int((base[k] != edited[k]).sum()) for k in base)
+
+
+def test_lftf_without_mlp_edits_only_attention_and_prompt_changes_no_weights(base_dir, tmp_path, capsys):
+    loc = _locate(tmp_path, ["L2"])
+    out = tmp_path / "lftf"
+    res = _cli_json(capsys, ["edit", "--scale", "layer", "--method", "lftf", "--drop", "mlp", "--model", str(base_dir),
+                             "--locate-json", loc, "--out", str(out), "--json", "--lr", "1e-2", "--epochs", "1", *FAST])
+    base, edited = _state(base_dir), _state(out)
+    changed = {k for k in base if not torch.equal(base[k], edited[k])}
+    assert all(k.startswith("model.layers.2.") and ".mlp." not in k for k in changed)  # norms + attention only
+    assert any(".self_attn." in k for k in changed)
+    pb = _cli_json(capsys, ["edit", "--method", "prompt", "--model", str(base_dir), "--json", *FAST])
+    assert pb["n_params_edited"] == 0 and pb["out"] is None
+    assert pb["after"]["perplexity"] == pb["before"]["perplexity"]
+    assert pb["after"]["afgb"] != pb["before"]["afgb"]
+
+
+def test_contrastive_edits_within_mask(base_dir, tmp_path, capsys):
+    loc = _locate(tmp_path, ["L0.mlp.up"])
+    out = tmp_path / "contrastive"
+    res = _cli_json(capsys, ["edit", "--scale", "module", "--method", "contrastive", "--contrastive-k", "50",
+                             "--model", str(base_dir), "--locate-json", loc, "--out", str(out), "--json",
+                             "--lr", "1e-2", "--epochs", "1", *FAST])
+    base, edited = _state(base_dir), _state(out)
+    changed = {k for k in base if not torch.equal(base[k], edited[k])}
+    assert changed == {"model.layers.0.mlp.up_proj.weight"}
+    assert 0 < res["n_params_edited"] <= 50
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["edit", "--method", "msme"], "needs --scale"),
+    (["edit", "--method", "msme", "--scale", "module", "--lr", "-1"], "lr must be > 0"),
+    (["edit", "--method", "msme", "--scale", "module", "--locate-json", "/nonexistent.json"], "does not exist"),
+    (["edit", "--method", "prompt", "--out", "/tmp/x"], "nothing to export"),
+    (["edit", "--method", "lftf", "--scale", "row", "--k", "0"], "k must be >= 1"),
+    (["patch", "apply", "--base", "/nonexistent", "--patch", "/x", "--out", "/y"], "is not a folder"),
+])
+def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_bad_labels_or_nonempty_out_change_nothing(base_dir, tmp_path, capsys):
+    before = _safetensors(base_dir)
+    loc = _locate(tmp_path, ["L7.mlp.down"])  # the tiny model has 3 layers
+    assert main(["edit", "--scale", "module", "--method", "msme", "--model", str(base_dir), "--locate-json", loc,
+                 "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert "layer" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    assert main(["edit", "--scale", "module", "--method", "msme", "--model", str(base_dir),
+                 "--locate-json", _locate(tmp_path, ["L1.mlp.down"]), "--out", str(full), *FAST]) == 2
+    assert "not empty" in capsys.readouterr().err and [p.name for p in full.iterdir()] == ["keep.txt"]
+    assert _bit_equal(_safetensors(base_dir), before)
