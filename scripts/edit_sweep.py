@@ -2,12 +2,14 @@
 
     python scripts/edit_sweep.py --rows org,pb,module,neuron --out-jsonl /tmp/edit_rows.jsonl
 
-Every row is :func:`bias_lens.edit.pipeline.run_edit` with the plan below (train: 256 seeded
-samples, dev: 64 for early stopping, test: first ``--limit`` samples, retention: 48 sentences);
+Every row is :func:`bias_lens.edit.pipeline.run_edit` with the plan below (train: 128 seeded
+samples, dev: 64 for early stopping, test: a fixed-seed ``--limit`` (200) subset, UB: 100
+GenHintEval samples, retention: 48 sentences);
 the unedited metrics are measured once and reused. Layer/module/row/neuron scales use the
 scale locators of ``bias_lens.locate`` when they exist, otherwise the first-order gradient
 locator below (|grad * weight| of the msme_align loss summed per block / module / row, and |grad|
-per entry for the neuron scale, restricted to ``mlp.down``). Each finished row is appended to
+per entry for the neuron scale, restricted to ``mlp.down``). The module scale uses MSME's module
+``L29.mlp.down`` unless ``--module-json`` gives a saved ``module_scale`` result. Each finished row is appended to
 ``--out-jsonl`` so partial sweeps survive; the markdown table is printed at the end.
 """
 
@@ -151,7 +153,10 @@ def main() -> None:
             key, val = s.split("=", 1)
             row, field = key.split(".", 1)
             if row == name:
-                spec[field] = type(getattr(EditPlan("prompt"), field) or 0.0)(val) if field != "loss" else val
+                try:
+                    spec[field] = json.loads(val)  # numbers, null, true/false
+                except json.JSONDecodeError:
+                    spec[field] = val  # plain strings such as a loss name
         plan = EditPlan(**{**common, **spec})
         t = time.time()
         train, _ = split_samples(plan)

@@ -151,3 +151,19 @@ def smol():
     from bias_lens import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny-model tests run single-threaded: torch's thread pool costs far more than it saves on
+    48-wide matrices (measured ~1000x per matmul on a loaded 2-core box). Integration tests on
+    SmolLM2 keep the default thread count."""
+    if request.node.get_closest_marker("integration") is not None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -154,7 +154,7 @@ def test_attribution_mask_zeroes_only_located_down_columns(base_dir, tmp_path, c
 def test_lftf_without_mlp_edits_only_attention_and_prompt_changes_no_weights(base_dir, tmp_path, capsys):
     loc = _locate(tmp_path, ["L2"])
     out = tmp_path / "lftf"
-    res = _cli_json(capsys, ["edit", "--scale", "layer", "--method", "lftf", "--drop", "mlp", "--model", str(base_dir),
+    _cli_json(capsys, ["edit", "--scale", "layer", "--method", "lftf", "--drop", "mlp", "--model", str(base_dir),
                              "--locate-json", loc, "--out", str(out), "--json", "--lr", "1e-2", "--epochs", "1", *FAST])
     base, edited = _state(base_dir), _state(out)
     changed = {k for k in base if not torch.equal(base[k], edited[k])}

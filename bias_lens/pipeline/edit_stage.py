@@ -14,7 +14,23 @@ log = logging.getLogger(__name__)
 
 #: which locate result feeds which scale
 SCALE_RESULT = {"layer": "layer", "module": "module", "row": "row", "neuron": "neuron",
-                "attribution": "attribution_filtered"}
+                "attribution": "causal_selected"}
+
+
+def causal_selected(causal) -> "LocateResult":
+    """The causally selected neurons (attribution -> general-neuron filter -> causal selection), in
+    selection order: the interpretable-neuron-editing paper's pipeline. Ranking by |attribution|
+    alone mixes neurons pushing toward either target, and masking those raises AFGB (measured)."""
+    import torch
+
+    from ..locate.result import LocateResult
+
+    sel = list(causal.extras.get("selected") or [])
+    if not sel:
+        raise ValueError("causal selection kept no neuron (none lowered AFGB within the retention bound)")
+    scores = torch.tensor([-causal.score_of(lab) for lab in sel], dtype=torch.float64)
+    return LocateResult("causal-selected", sel, scores, variant=causal.variant, model=causal.model,
+                        n_samples=causal.n_samples, extras={"source": "causal"})
 
 
 def row_metrics(lm, limits: dict[str, int | None], *, prefix: str = "", batch_size: int = 32,
@@ -70,7 +86,8 @@ def run_row(lm, cfg, row, results: dict[str, Any], cache) -> dict[str, Any]:
     train, dev = split_samples(plan)
     mask = None
     if row.method != "fpft":
-        result = results[SCALE_RESULT[row.scale]]
+        result = (causal_selected(results["causal"]) if row.scale == "attribution"
+                  else results[SCALE_RESULT[row.scale]])
         mask = build_mask(lm, plan, result)
         rec["labels"] = (result.top_labels(min(plan.k_eff, len(result.labels))) if row.scale != "attribution"
                          else mask_neuron_labels(result, plan))[:50]
