@@ -8,7 +8,10 @@ of the report's columns. The model is restored bit-exactly after every row.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..locate.result import LocateResult
 
 log = logging.getLogger(__name__)
 
