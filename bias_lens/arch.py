@@ -223,15 +223,36 @@ class ParamRef:
 
     def weight_view(self, model: nn.Module) -> torch.Tensor:
         """The weight in ``[out, in]`` orientation, as a view that shares storage with the model."""
-        w = model.get_parameter(self.weight_name)
+        w = resident_parameter(model, self.weight_name)
         w = w.T if self.transposed else w
         return w[self.rows] if self.rows is not None else w
 
     def bias_view(self, model: nn.Module) -> torch.Tensor | None:
         if self.bias_name is None:
             return None
-        b = model.get_parameter(self.bias_name)
+        b = resident_parameter(model, self.bias_name)
         return b[self.rows] if self.rows is not None else b
+
+
+def resident_parameter(model: nn.Module, name: str) -> torch.Tensor:
+    """``model.get_parameter(name)``, or, when accelerate offloaded it (meta device; ``device_map``
+    with "cpu"/"disk" offload), the value read from the offload store.
+
+    The offloaded value is a read-only copy (it does not share storage with the model): fine for
+    the methods that read weights (attribution, circuits, gradients' orientation); in-place edits
+    refuse meta parameters (see :meth:`bias_lens.edit.Edit.validate`).
+    """
+    p = model.get_parameter(name)
+    if not p.is_meta:
+        return p
+    mod_name, _, attr = name.rpartition(".")
+    hook = getattr(model.get_submodule(mod_name), "_hf_hook", None)
+    wmap = getattr(hook, "weights_map", None)
+    if wmap is None:
+        raise ValueError(f"{name} is on the meta device and no accelerate offload store holds it; "
+                         "load the model with real weights (no init_empty_weights without dispatch)")
+    dev = getattr(hook, "execution_device", None)
+    return wmap[attr].to(dev if dev is not None else "cpu")
 
 
 def param_ref(model: nn.Module, name: str) -> ParamRef:

@@ -149,6 +149,9 @@ class Edit:
             if n not in params:
                 raise ValueError(f"edit writes {n!r}, which this model does not have; was it computed for another architecture?")
             p = params[n]
+            if p.is_meta:
+                raise ValueError(f"{n} is offloaded by accelerate (meta device), so it cannot be edited in place; "
+                                 "load the model with a device_map that keeps the edited layers on a real device")
             if tuple(p.shape) != tuple(self.shapes[n]):
                 raise ValueError(f"edit of {n} was computed for shape {tuple(self.shapes[n])}, the model has {tuple(p.shape)}")
             if p.dtype != self.dtypes[n]:
