@@ -60,6 +60,7 @@ def run_pipeline(cfg: RunConfig, out: Path | None = None, *, force: bool = False
     from ..io import replace_dir
     from ..lens import load_model
     from ..loading import cache_root
+    from ..locate.result import LocateResult
     from .cache import StageCache
     from .edit_stage import choose_best, row_metrics, run_row
     from .figures import locate_figures, profession_bars, table_figure, write_all
@@ -132,7 +133,7 @@ def run_pipeline(cfg: RunConfig, out: Path | None = None, *, force: bool = False
                                                           "best": best["row"]["name"] if best else None}, indent=1))
             for name, res in results.items():
                 (tmp / "locate").mkdir(exist_ok=True)
-                if hasattr(res, "save"):
+                if isinstance(res, LocateResult):  # not hasattr(.., "save"): nnsight adds .save to every object
                     res.save(tmp / "locate" / f"{name}.json")
                 else:
                     (tmp / "locate" / f"{name}.json").write_text(json.dumps(res))
