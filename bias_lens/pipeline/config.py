@@ -73,8 +73,8 @@ class RunConfig:
     eval_limits: dict[str, int | None] = field(default_factory=lambda: dict(FULL_EVAL))
     #: limits of the per-row metrics (each edited model is measured on these)
     row_limits: dict[str, int | None] = field(default_factory=lambda: {
-        "genbiaseval": None, "genhinteval": None, "genbiaspro-cg": 256, "stereoset": None, "crows-pairs": None,
-        "retention": 400})
+        "genbiaseval": None, "genhinteval": None, "genbiaspro-cg": 128, "stereoset": None, "crows-pairs": None,
+        "retention": 300})
     rows: tuple[EditRow, ...] = FULL_ROWS
     n_train: int = 256
     max_steps: int | None = None
