@@ -6,7 +6,7 @@
   then the layer score (MSME Eq. 2) from the cached residuals;
 * naive nnsight: one trace per prompt saving every layer's output, then the same score.
 Both naive anchors compute the same numbers as :func:`bias_lens.locate.layer` (checked in
-:mod:`benchmarks.run_benchmarks`), so their time is a fair "written by hand" reference.
+`benchmarks/run.py`, recorded as `anchor_max_abs_diff`), so their time is a fair "written by hand" reference.
 """
 
 from __future__ import annotations
@@ -57,9 +57,11 @@ def naive_nnsight_layer_scores(lm, prompts: Sequence[str], ids: Sequence[int]) -
     with torch.no_grad():
         for p in prompts:
             toks = lm.tokenizer(p, return_tensors="pt").input_ids.to(lm.device)
+            saved: list = []  # mutated inside the trace (names bound in a trace body are not pushed back reliably)
             with nn_model.trace(toks):
-                emb = nn_model.model.embed_tokens.output.save()
-                layers = [layer.output.save() for layer in nn_model.model.layers]
-            res = [emb[0, -1]] + [(h[0] if isinstance(h, tuple) else h)[0, -1] for h in layers]
+                saved.append(nn_model.model.embed_tokens.output.save())
+                for layer in nn_model.model.layers:
+                    saved.append(layer.output.save())
+            res = [(h[0] if isinstance(h, tuple) else h)[0, -1] for h in saved]
             out.append(_eq2(torch.stack(res), lm, ids))
     return torch.stack(out)

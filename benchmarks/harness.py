@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
 import resource
 import time
@@ -21,12 +22,18 @@ import torch
 
 @dataclass
 class Case:
+    """One timed call. ``ratio = seconds / (per * floors[floor])``; ``per`` > 1 gives a per-unit
+    ratio (e.g. per ablation of the module scan); ``scale`` multiplies the measured seconds first
+    (e.g. a naive anchor timed on a subset of prompts and scaled to all of them)."""
+
     name: str
     fn: Callable[[], object]
     target: float | None = None  # max ratio to the floor, when the issue sets one
     floor: str = "forward"  # which floor the ratio is taken against
     note: str = ""
     repeat: int = 2
+    per: float = 1.0
+    scale: float = 1.0
 
 
 @dataclass
@@ -38,6 +45,7 @@ class Row:
     target: float | None
     met: bool | None
     note: str = ""
+    better: str = "lower"  # "higher" for speed-ups (target is a minimum)
 
 
 @dataclass
@@ -49,24 +57,54 @@ class Report:
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self)}, indent=2)
+        return json.dumps({**asdict(self)}, indent=2, default=str)
+
+    def add(self, name: str, seconds: float, ratio: float, floor: str, target: float | None,
+            note: str = "", better: str = "lower") -> Row:
+        met = None if target is None else (ratio <= target if better == "lower" else ratio >= target)
+        row = Row(name, seconds, ratio, floor, target, met, note, better)
+        self.rows.append(row)
+        return row
 
     def table(self) -> str:
-        head = f"{'case':<46} {'seconds':>9} {'ratio':>8} {'floor':>12} {'target':>8} {'met':>5}"
+        head = f"{'case':<44} {'seconds':>9} {'ratio':>8} {'floor':>22} {'target':>8} {'met':>5}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            tgt = f"<={r.target:g}" if r.target is not None else ""
+            op = "<=" if r.better == "lower" else ">="
+            tgt = f"{op}{r.target:g}" if r.target is not None else ""
             met = "" if r.met is None else ("yes" if r.met else "NO")
-            lines.append(f"{r.name:<46} {r.seconds:9.3f} {r.ratio:8.2f} {r.floor:>12} {tgt:>8} {met:>5}")
+            lines.append(f"{r.name:<44} {r.seconds:9.3f} {r.ratio:8.3f} {r.floor:>22} {tgt:>8} {met:>5}")
         return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (Linux), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def machine_info() -> dict:
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_start": load_average(),
+        "shared_machine_note": "other jobs may share this box; absolute seconds are noise, ratios measured in one run are not",
     }
 
 
@@ -89,15 +127,14 @@ def peak_rss_gb() -> float:
 def run_cases(report: Report, cases: list[Case], log: Callable[[str], None] = print) -> Report:
     for c in cases:
         try:
-            s = time_case(c.fn, c.repeat)
+            s = time_case(c.fn, c.repeat) * c.scale
         except Exception as err:  # a missing method must not hide the others' numbers
             log(f"{c.name}: failed: {err!r}")
-            report.rows.append(Row(c.name, float("nan"), float("nan"), c.floor, c.target, None, f"failed: {err!r}"))
+            report.add(c.name, float("nan"), float("nan"), c.floor, c.target, f"failed: {err!r}")
             continue
-        ratio = s / report.floors[c.floor]
-        met = None if c.target is None else ratio <= c.target
-        report.rows.append(Row(c.name, s, ratio, c.floor, c.target, met, c.note))
-        log(f"{c.name}: {s:.3f}s ratio {ratio:.2f}")
+        ratio = s / (c.per * report.floors[c.floor])
+        report.add(c.name, s, ratio, c.floor if c.per == 1 else f"{c.floor} x{c.per:g}", c.target, c.note)
+        log(f"{c.name}: {s:.3f}s ratio {ratio:.3f}")
     return report
 
 

@@ -238,3 +238,15 @@ def test_figures_show_the_result(tiny_llama):
     assert int((~torch.isnan(z)).sum()) == len(ne.labels)
     with pytest.raises(ValueError, match="neuron_scale result"):
         entry_heatmap(r)
+
+
+def test_same_scores_inside_no_grad(tiny_llama):
+    """A caller inside ``torch.no_grad()`` (a notebook cell, a benchmark harness) gets the same scores."""
+    a = row_scale(tiny_llama, PROMPTS, "L1.mlp.down")
+    an = neuron_scale(tiny_llama, PROMPTS, "L1.mlp.down")
+    with torch.no_grad():
+        b = row_scale(tiny_llama, PROMPTS, "L1.mlp.down")
+        bn = neuron_scale(tiny_llama, PROMPTS, "L1.mlp.down")
+        assert not torch.is_grad_enabled()
+    torch.testing.assert_close(b.scores, a.scores)
+    torch.testing.assert_close(bn.scores, an.scores)

@@ -112,3 +112,19 @@ def test_markdown_table_layout():
     t = markdown_table(org, [_row("c", 0.1, 10.4, 0.25, n=1234)]).splitlines()
     assert t[0].startswith("| Method |") and t[0].endswith("| Cost-P |")
     assert t[2].startswith("| Org | – | – | 0.200 |") and t[3].startswith("| c |") and t[3].endswith("| 1,234 |")
+
+
+def test_full_rows_reach_the_edit_plan():
+    """Every full-run row builds a valid plan; the UB-anchored rows carry their measured settings."""
+    from bias_lens.pipeline.config import FULL_ROWS
+    from bias_lens.pipeline.edit_stage import row_plan
+
+    cfg = RunConfig.full()
+    plans = {r.name: row_plan(cfg, r) for r in FULL_ROWS}
+    assert len(plans) == len(FULL_ROWS)
+    mod, neu = plans["module (gap + UB anchor)"], plans["neuron (MSME + UB anchor)"]
+    assert (mod.hint_anchor, mod.loss, mod.hint_loss, mod.lr, mod.epochs) == (True, "gap", "ub_drop", 2e-4, 3)
+    assert (neu.hint_anchor, neu.hint_loss, neu.epochs) == (True, "hinted_drop", 3)
+    ft = neu.finetune_config()
+    assert ft.hint_weight == 1.0 and ft.hint_loss == "hinted_drop" and ft.ub_tolerance == 0.05
+    assert not plans["neuron (MSME)"].hint_anchor

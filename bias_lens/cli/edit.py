@@ -58,6 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--contrastive-mode", choices=[m for m in MODES if m != "mask_switch"], default="interpolate")
     p.add_argument("--alpha", type=float, default=1.0, help="contrastive interpolation/extrapolation factor")
     p.add_argument("--contrastive-k", type=int, default=5000, help="contrastive: entries with largest |ref - model|")
+    p.add_argument("--hint-anchor", action="store_true",
+                   help="msme/lftf: keep UB-Score by an anchor on GenHintEval train prompts (docs/edit_hint.md)")
+    p.add_argument("--hint-weight", type=float, default=1.0, help="--hint-anchor: weight of the anchor term")
+    p.add_argument("--hint-loss", choices=["ub_drop", "hinted_drop", "ub_l2"], default="ub_drop",
+                   help="--hint-anchor: anchor term (docs/edit_hint.md; neuron scale measured best with hinted_drop)")
+    p.add_argument("--ub-tolerance", type=float, default=0.05,
+                   help="--hint-anchor: early stopping rejects states whose dev UB fell more than this")
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -74,7 +81,8 @@ def _plan(args: argparse.Namespace):
             retention_threshold=args.retention_threshold, limit=args.limit, ub_limit=args.ub_limit,
             neuron_params=args.neuron_params, general_filter=not args.no_general_filter, drop=args.drop,
             mask_scale=args.mask_scale, contrastive_mode=args.contrastive_mode, alpha=args.alpha,
-            contrastive_k=args.contrastive_k,
+            contrastive_k=args.contrastive_k, hint_anchor=args.hint_anchor, hint_weight=args.hint_weight,
+            hint_loss=args.hint_loss, ub_tolerance=args.ub_tolerance,
         )
     except ValueError as err:
         raise UsageError(str(err)) from err

@@ -15,6 +15,14 @@ Early stopping keeps the state with the lowest dev-split AFGB; the retention gua
 rolls back to the best accepted state when retention perplexity rises more than
 ``retention_threshold`` (relative); a NaN/inf loss stops at once, leaves the model untouched
 (equivalently: undoes the edit) and reports the step.
+
+Hint anchor (opt-in: ``hint_weight > 0`` and ``hint`` samples, GenHintEval train): each step adds
+``hint_weight x anchor`` (``losses.HINT_LOSSES[hint_loss]``) on one fixed chunk of hinted prompts,
+relative to the unedited model's probabilities on that very chunk (computed once before training
+with the same batching, so the anchor is exactly 0 at step 0). With ``ub_tolerance`` and
+``hint_dev`` samples, a dev check whose dev UB-Score fell more than ``ub_tolerance`` below the
+unedited one is not accepted as the best state (it counts toward ``patience``). Defaults
+(``hint_weight=0``, ``ub_tolerance=None``) leave the original behaviour unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .edits import Edit, layouts
-from .losses import get_loss
+from .losses import get_hint_loss, get_loss
 from .masks import ParamMask
 
 log = logging.getLogger(__name__)
@@ -61,9 +69,19 @@ class FinetuneConfig:
     retention_threshold: float = 0.05
     retention_limit: int = 48
     grad_clip: float | None = 1.0
+    hint_weight: float = 0.0  # > 0: add the hint anchor on GenHintEval train prompts (docs/edit_hint.md)
+    hint_loss: str = "ub_drop"
+    hint_batch_size: int | None = None  # hinted prompts per step (None: batch_size)
+    ub_tolerance: float | None = None  # early stopping: reject states whose dev UB fell more than this
+    hint_dev_limit: int = 64
 
     def __post_init__(self) -> None:
         get_loss(self.loss)
+        get_hint_loss(self.hint_loss)
+        if self.hint_weight < 0 or (self.ub_tolerance is not None and self.ub_tolerance < 0):
+            raise ValueError("hint_weight and ub_tolerance must be >= 0")
+        if (self.hint_batch_size is not None and self.hint_batch_size < 1) or self.hint_dev_limit < 1:
+            raise ValueError("hint_batch_size and hint_dev_limit must be >= 1")
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("lr must be > 0 and epochs, batch_size, patience >= 1")
         if self.optimizer not in ("adam", "sgd"):
@@ -116,6 +134,29 @@ def _forward_probs(lm, overrides: dict[str, Tensor], prompts: list[str], tid: Te
     return torch.softmax(logits, -1)[:, tid.to(logits.device)]
 
 
+@torch.no_grad()
+def dev_ub(lm, samples: Sequence[dict], *, batch_size: int = 32) -> float:
+    """Raw UB-Score (mean ``F (p(he) - p(she))``) on GenHintEval ``samples``: the UB guard metric."""
+    from ..scoring import target_probs
+    from .measure import he_she
+
+    p = target_probs(lm, [s["prompt"] for s in samples], he_she(lm), batch_size=batch_size)
+    F = torch.tensor([float(s["F"]) for s in samples], dtype=p.dtype)
+    return float((F * (p[:, 0] - p[:, 1])).mean())
+
+
+def _hint_chunks(lm, hint: Sequence[dict], bs: int, seed: int, tid: Tensor) -> list[tuple[list[str], Tensor, Tensor]]:
+    """Fixed seeded chunks (prompts, F, p0) of hinted samples; p0 by the training forward itself."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    out = []
+    for chunk in _samples_to_batches(hint, bs, gen):
+        prompts = [s["prompt"] for s in chunk]
+        with torch.no_grad():
+            p0 = _forward_probs(lm, {}, prompts, tid)
+        out.append((prompts, torch.tensor([float(s["F"]) for s in chunk]), p0))
+    return out
+
+
 def masked_finetune(
     lm,
     mask: ParamMask,
@@ -126,13 +167,17 @@ def masked_finetune(
     retention: Sequence[str] | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     method: str = "masked_finetune",
+    hint: Sequence[dict] | None = None,
+    hint_dev: Sequence[dict] | None = None,
 ) -> FinetuneResult:
     """Fine-tune only ``mask``'s entries on ``train`` samples (dicts with ``prompt``, ``f_he``, ``f_she``).
 
     ``dev`` samples drive early stopping (dev AFGB); ``retention`` texts drive the retention
     guard (default: the benchmark's first ``retention_limit`` sentences; pass ``[]`` to disable).
-    ``loss_fn(p, f)`` overrides ``config.loss``. The model is unchanged on return; apply
-    ``result.edit`` to keep the change.
+    ``loss_fn(p, f)`` overrides ``config.loss``. ``hint`` (GenHintEval samples with ``prompt``,
+    ``F``) feeds the anchor when ``config.hint_weight > 0``; ``hint_dev`` the UB guard when
+    ``config.ub_tolerance`` is set. The model is unchanged on return; apply ``result.edit`` to
+    keep the change.
     """
     from .measure import dev_afgb, he_she, retention_perplexity, retention_texts
 
@@ -142,8 +187,14 @@ def masked_finetune(
     if mask.size == 0:
         raise ValueError("the mask is empty; nothing to fine-tune")
     mask.check(lm.hf)
+    if cfg.hint_weight > 0 and not hint:
+        raise ValueError("hint_weight > 0 needs hint samples (GenHintEval train: load_split('genhinteval', 'train'))")
+    if cfg.ub_tolerance is not None and not hint_dev:
+        raise ValueError("ub_tolerance needs hint_dev samples (GenHintEval dev: load_split('genhinteval', 'dev'))")
     loss_fn = loss_fn or get_loss(cfg.loss)
+    anchor_fn = get_hint_loss(cfg.hint_loss)
     tid = torch.as_tensor(he_she(lm).first_ids)
+    chunks = _hint_chunks(lm, hint, cfg.hint_batch_size or cfg.batch_size, cfg.seed, tid) if cfg.hint_weight > 0 else []
     params = dict(lm.hf.named_parameters())
     names = mask.names
     idx = {n: mask.indices(n).to(params[n].device) for n in names}
@@ -166,8 +217,12 @@ def masked_finetune(
     ret_texts = list(retention) if retention is not None else retention_texts(cfg.retention_limit)
     base_ppl = retention_perplexity(lm, ret_texts) if ret_texts else None
     best_dev = dev_afgb(lm, dev_prompts) if dev_prompts else math.inf
+    ub_dev = list(hint_dev)[: cfg.hint_dev_limit] if cfg.ub_tolerance is not None else []
+    base_ub = dev_ub(lm, ub_dev) if ub_dev else None
     best = {n: torch.zeros_like(d) for n, d in deltas.items()}
     history: list[dict] = [{"step": 0, "dev_afgb": best_dev, "retention_ppl": base_ppl}]
+    if base_ub is not None:
+        history[0]["dev_ub"] = base_ub
     best_step, bad, step, status, nan_step = 0, 0, 0, "done", None
     grad_flags = {n: p.requires_grad for n, p in params.items()}
     for p in params.values():
@@ -180,11 +235,18 @@ def masked_finetune(
         with current_edit(snap).applied(lm.hf):
             ppl = retention_perplexity(lm, ret_texts) if ret_texts else None
             dv = dev_afgb(lm, dev_prompts) if dev_prompts else None
+            ub = dev_ub(lm, ub_dev) if ub_dev else None
         history.append({"step": step, "dev_afgb": dv, "retention_ppl": ppl})
+        if ub is not None:
+            history[-1]["dev_ub"] = ub
+        log.info("check at step %d: dev AFGB %s, retention ppl %s, dev UB %s", step, dv, ppl, ub)
         if ppl is not None and ppl > base_ppl * (1 + cfg.retention_threshold):
             log.info("retention perplexity %.3f > %.3f * (1 + %.3f): rolling back", ppl, base_ppl, cfg.retention_threshold)
             return "retention_rollback"
-        if dv is None or dv < best_dev:
+        ub_ok = ub is None or ub >= base_ub - cfg.ub_tolerance
+        if not ub_ok:
+            log.info("dev UB %.4f fell more than %.3f below %.4f: state not accepted", ub, cfg.ub_tolerance, base_ub)
+        if ub_ok and (dv is None or dv < best_dev):
             best_dev, best_step, bad = (dv if dv is not None else best_dev), step, 0
             for n in names:
                 best[n].copy_(snap[n])
@@ -199,6 +261,11 @@ def masked_finetune(
                 f = torch.tensor([[s["f_he"], s["f_she"]] for s in batch], dtype=torch.float32)
                 over = {n: base[n].reshape(-1).index_add(0, idx[n], deltas[n]).view_as(base[n]) for n in names}
                 loss = loss_fn(_forward_probs(lm, over, [s["prompt"] for s in batch], tid), f)
+                if chunks:
+                    prompts_h, F_h, p0_h = chunks[step % len(chunks)]
+                    anchor = anchor_fn(_forward_probs(lm, over, prompts_h, tid), F_h, p0_h)
+                    history[-1].setdefault("anchor", []).append(float(anchor.detach()))
+                    loss = loss + cfg.hint_weight * anchor
                 step += 1
                 if not torch.isfinite(loss):
                     status, nan_step = "nan", step

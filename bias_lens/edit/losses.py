@@ -19,6 +19,21 @@ it returns the batch mean (a scalar). Names are the keys of :data:`LOSSES`.
   ``lftf_no_she`` (``p(he)``). (Its "w/o attention / w/o MLP" ablations are mask changes, see
   :func:`bias_lens.edit.masks.without_attention`.)
 * ``gap`` — ``|p(he) - p(she)|``, the AFGB quantity itself, as a direct alternative.
+
+Hint anchors (opt-in, ``FinetuneConfig(hint_weight > 0)``; docs/edit_hint.md). Every bias loss
+above lowers the pronoun mass everywhere, hinted prompts included, so UB-Score collapses with it.
+An anchor term on GenHintEval *train* prompts (hinted: "... forgot his umbrella ...", ``F`` = +1
+for a male hint, -1 for a female one) penalises that, relative to the *unedited* model's
+probabilities ``p0`` (precomputed once, so the anchor is exactly 0 at step 0):
+
+* ``ub_drop`` (default) — ``mean(relu(u0 - u))`` with ``u = F (p(he) - p(she))``: only a *drop*
+  of the per-prompt UB term is penalised (it may grow freely); linear, so its gradient does not
+  vanish near the anchor the way a squared penalty's does.
+* ``hinted_drop`` — ``mean(relu(p0_h - p_h))`` with ``p_h`` the hinted pronoun's probability
+  (he for F=+1, she for F=-1): keeps the hinted pronoun, leaves the other one free.
+* ``ub_l2`` — ``mean((u - u0)^2)``: two-sided squared deviation of the UB term.
+
+:func:`anchored` combines them: ``bias_loss(p, f) + weight * anchor(p_hint, F, p0)``.
 """
 
 from __future__ import annotations
@@ -85,6 +100,68 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "lftf_no_she": lambda p, f=None: lftf(p, she=False),
     "gap": gap,
 }
+
+
+def _hint_check(p: Tensor, F: Tensor, p0: Tensor) -> None:
+    _check(p)
+    if F.shape != (p.shape[0],) or p0.shape != p.shape:
+        raise ValueError(f"hint anchor needs F [batch] and reference p0 {tuple(p.shape)}, "
+                         f"got {tuple(F.shape)} and {tuple(p0.shape)}")
+
+
+def ub_terms(p: Float[Tensor, "batch 2"], F: Float[Tensor, " batch"]) -> Float[Tensor, " batch"]:
+    """Per-prompt UB term ``F (p(he) - p(she))`` (LFTF Eq. 2-3 before the mean)."""
+    return F.to(p) * (p[:, 0] - p[:, 1])
+
+
+def ub_drop(p: Float[Tensor, "batch 2"], F: Float[Tensor, " batch"], p0: Float[Tensor, "batch 2"]) -> Tensor:
+    """``mean(relu(u0 - u))``, ``u = F (p(he) - p(she))``, ``u0`` the same on the unedited ``p0``."""
+    _hint_check(p, F, p0)
+    return torch.relu(ub_terms(p0.to(p), F) - ub_terms(p, F)).mean()
+
+
+def hinted_drop(p: Float[Tensor, "batch 2"], F: Float[Tensor, " batch"], p0: Float[Tensor, "batch 2"]) -> Tensor:
+    """``mean(relu(p0_h - p_h))`` with ``p_h`` the hinted pronoun (he if F > 0, she if F < 0)."""
+    _hint_check(p, F, p0)
+    male = F.to(p.device) > 0
+    ph, ph0 = torch.where(male, p[:, 0], p[:, 1]), torch.where(male, p0[:, 0], p0[:, 1]).to(p)
+    return torch.relu(ph0 - ph).mean()
+
+
+def ub_l2(p: Float[Tensor, "batch 2"], F: Float[Tensor, " batch"], p0: Float[Tensor, "batch 2"]) -> Tensor:
+    """``mean((u - u0)^2)``: squared deviation of the per-prompt UB term from the unedited one."""
+    _hint_check(p, F, p0)
+    return ((ub_terms(p, F) - ub_terms(p0.to(p), F)) ** 2).mean()
+
+
+HINT_LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "ub_drop": ub_drop,
+    "hinted_drop": hinted_drop,
+    "ub_l2": ub_l2,
+}
+
+
+def get_hint_loss(name: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    if name not in HINT_LOSSES:
+        raise ValueError(f"unknown hint anchor {name!r}; choose one of {', '.join(HINT_LOSSES)}")
+    return HINT_LOSSES[name]
+
+
+def anchored(
+    bias_loss: Callable[[Tensor, Tensor], Tensor],
+    p: Float[Tensor, "batch 2"],
+    f: Float[Tensor, "batch 2"],
+    p_hint: Float[Tensor, "hint 2"],
+    F: Float[Tensor, " hint"],
+    p0_hint: Float[Tensor, "hint 2"],
+    *,
+    weight: float = 1.0,
+    anchor: str = "ub_drop",
+) -> Tensor:
+    """Bias objective on neutral prompts + ``weight`` x hint anchor on hinted prompts."""
+    if weight < 0:
+        raise ValueError(f"hint weight must be >= 0, got {weight}")
+    return bias_loss(p, f) + weight * get_hint_loss(anchor)(p_hint, F, p0_hint)
 
 
 def get_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:

@@ -18,6 +18,10 @@
    ``contrastive_mode``/``alpha``), ``fpft`` (every parameter) or ``prompt`` (PB, no weights);
 5. metrics before and after on the test split plus retention (:func:`~bias_lens.edit.measure.model_metrics`).
 
+``hint_anchor=True`` (msme / lftf) adds the hint anchor of docs/edit_hint.md: ``n_samples`` seeded
+GenHintEval *train* samples in the loss (``hint_weight`` x ``hint_loss``) and, with ``ub_tolerance``,
+a dev-UB guard on ``hint_dev_limit`` GenHintEval dev samples in early stopping.
+
 The edit is left applied on return (``EditRun.handle.undo()`` restores the model bit-exactly).
 """
 
@@ -81,6 +85,11 @@ class EditPlan:
     contrastive_mode: str = "interpolate"
     alpha: float = 1.0
     contrastive_k: int = 5000
+    hint_anchor: bool = False  # msme/lftf: anchor UB on GenHintEval train prompts (docs/edit_hint.md)
+    hint_weight: float = 1.0
+    hint_loss: str = "ub_drop"
+    ub_tolerance: float | None = 0.05  # with hint_anchor: dev-UB guard in early stopping (None: off)
+    hint_dev_limit: int = 64
 
     def __post_init__(self) -> None:
         from .contrastive import MODES
@@ -111,6 +120,18 @@ class EditPlan:
             raise ValueError(f"neuron-params must be 'all' or 'down', got {self.neuron_params!r}")
         if self.drop not in (None, "attention", "mlp"):
             raise ValueError(f"drop must be 'attention' or 'mlp', got {self.drop!r}")
+        if self.hint_anchor:
+            from .losses import get_hint_loss
+
+            get_hint_loss(self.hint_loss)
+            if self.method not in ("msme", "lftf"):
+                raise ValueError(f"hint-anchor applies to the msme and lftf methods, not {self.method!r}")
+            if not self.hint_weight > 0:
+                raise ValueError(f"hint-weight must be > 0 with hint-anchor, got {self.hint_weight}")
+            if self.ub_tolerance is not None and self.ub_tolerance < 0:
+                raise ValueError(f"ub-tolerance must be >= 0, got {self.ub_tolerance}")
+            if self.hint_dev_limit < 1:
+                raise ValueError(f"hint-dev-limit must be >= 1, got {self.hint_dev_limit}")
         if self.contrastive_mode not in MODES:
             raise ValueError(f"contrastive mode must be one of {', '.join(MODES)}")
         if self.contrastive_mode == "mask_switch":
@@ -132,6 +153,9 @@ class EditPlan:
             over["lr"] = self.lr
         if self.epochs is not None:
             over["epochs"] = self.epochs
+        if self.hint_anchor:
+            over.update(hint_weight=self.hint_weight, hint_loss=self.hint_loss, ub_tolerance=self.ub_tolerance,
+                        hint_dev_limit=self.hint_dev_limit)
         return FinetuneConfig.for_scale(scale if scale in SCALE_LR else "all", **over)
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,6 +185,16 @@ def split_samples(plan: EditPlan) -> tuple[list[dict], list[dict]]:
     if plan.n_samples < len(train):
         train = random.Random(plan.seed).sample(train, plan.n_samples)
     return train, load_split(plan.suite, "dev")
+
+
+def hint_samples(plan: EditPlan) -> tuple[list[dict], list[dict]]:
+    """Seeded ``n_samples`` GenHintEval train samples (anchor) and the GenHintEval dev split (UB guard)."""
+    from ..benchmarks import load_split
+
+    hint = load_split("genhinteval", "train")
+    if plan.n_samples < len(hint):
+        hint = random.Random(plan.seed).sample(hint, plan.n_samples)
+    return hint, load_split("genhinteval", "dev")
 
 
 def locate(lm, plan: EditPlan, train: list[dict]):
@@ -227,7 +261,9 @@ def compute_edit(lm, plan: EditPlan, mask: ParamMask | None, train, dev) -> tupl
         edit = contrastive_edit(lm, ref, where, plan.contrastive_mode, alpha=plan.alpha)
         return edit, {"contrastive_size": where.size, "config": cfg.to_dict()}
     else:
-        res = masked_finetune(lm, mask, train, dev, cfg, method=f"{plan.method}({plan.scale})")
+        hint, hint_dev = hint_samples(plan) if plan.hint_anchor else (None, None)
+        res = masked_finetune(lm, mask, train, dev, cfg, method=f"{plan.method}({plan.scale})", hint=hint,
+                              hint_dev=hint_dev)
     if res.edit is None:
         raise RuntimeError(f"fine-tuning failed: non-finite loss at step {res.nan_step}; the model is unchanged")
     info = {"status": res.status, "best_step": res.best_step, "optimizer_state_numel": res.optimizer_state_numel,

@@ -167,8 +167,9 @@ def check_pair(lm, targets: TargetSet | str | Sequence[str]) -> TargetSet:
 
 
 def logit_diff_dir(lm, ts: TargetSet) -> Float[Tensor, " d_model"]:
-    W_U = lm.unembed.weight.detach().double()
-    return W_U[ts.first_ids[1]] - W_U[ts.first_ids[0]]
+    """``W_U[t1] - W_U[t0]`` in float64 (only the two rows are upcast, not the whole unembedding)."""
+    W_U = lm.unembed.weight.detach()
+    return W_U[ts.first_ids[1]].double() - W_U[ts.first_ids[0]].double()
 
 
 # --------------------------------------------------------------------------- scores

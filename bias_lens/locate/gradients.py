@@ -149,7 +149,8 @@ def grad_steps(
     W = hf.get_parameter(ref.weight_name)
     module = get_submodule(hf, ref.weight_name.rsplit(".", 1)[0])
     store: dict[str, Tensor] = {}
-    with grad_only(hf, W), capture_io(module, store):
+    # enable_grad: callers may sit inside torch.no_grad() (e.g. a notebook cell or the benchmark harness)
+    with torch.enable_grad(), grad_only(hf, W), capture_io(module, store):
         for rows, loss_fn in batches:
             l0, l1 = loss_fn()
             inputs = ([W] if weights else []) + ([store["y"]] if factors else [])

@@ -70,17 +70,25 @@ def row_metrics(lm, limits: dict[str, int | None], *, prefix: str = "", batch_si
     return m
 
 
+def row_plan(cfg, row):
+    """The :class:`~bias_lens.edit.pipeline.EditPlan` of one report row under run config ``cfg``."""
+    from ..edit.pipeline import EditPlan
+
+    return EditPlan(method=row.method, scale=row.scale, suite=cfg.suite, n_samples=cfg.n_train, seed=cfg.seed,
+                    k=row.k, loss=row.loss, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                    hint_anchor=row.hint_anchor, hint_loss=row.hint_loss, lr=row.lr, epochs=row.epochs)
+
+
 def run_row(lm, cfg, row, results: dict[str, Any], cache) -> dict[str, Any]:
     """Compute, measure, save and undo one edit row; returns its JSON record (cached)."""
     from ..edit.baselines import PB_PREFIX
     from ..edit.patch import save_patch
-    from ..edit.pipeline import EditPlan, build_mask, compute_edit, split_samples
+    from ..edit.pipeline import build_mask, compute_edit, split_samples
 
     rec = cache.get_json(f"edit_{row.name}")
     if rec is not None:
         return rec
-    plan = EditPlan(method=row.method, scale=row.scale, suite=cfg.suite, n_samples=cfg.n_train, seed=cfg.seed,
-                    k=row.k, loss=row.loss, max_steps=cfg.max_steps, batch_size=cfg.batch_size)
+    plan = row_plan(cfg, row)
     rec = {"row": row.to_dict(), "plan": plan.to_dict()}
     if row.method == "prompt":
         rec.update(metrics=row_metrics(lm, cfg.row_limits, prefix=PB_PREFIX, batch_size=cfg.batch_size),
