@@ -145,3 +145,17 @@ def test_attribution_rejects_bad_input(tiny_llama):
         neuron_attribution(tiny_llama, PROMPTS, "he,she,they")
     with pytest.raises(ValueError, match="out of range"):
         neuron_attribution(tiny_llama, PROMPTS, layers=[7])
+
+
+@pytest.mark.parametrize("rank", ["abs", "mean_abs", "signed"])
+def test_layerwise_reduction_equals_full_matrix(tiny, rank):
+    """Without per-prompt scores the ranking is reduced layer by layer (lower peak memory): same numbers."""
+    cache = collect_last(tiny, PROMPTS, batch_size=3)
+    full = neuron_attribution(tiny, PROMPTS, cache=cache, rank=rank, keep_per_prompt=True)
+    lean = neuron_attribution(tiny, PROMPTS, cache=cache, rank=rank)
+    assert lean.per_prompt is None and lean.labels == full.labels
+    torch.testing.assert_close(lean.scores, full.scores)
+    torch.testing.assert_close(lean.extras["signed"], full.extras["signed"])
+    signed = full.per_prompt.double().mean(0)  # the oracle: reduce the full matrix by hand
+    want = {"abs": signed.abs(), "mean_abs": full.per_prompt.double().abs().mean(0), "signed": signed}[rank]
+    torch.testing.assert_close(lean.scores.double(), want, atol=1e-6, rtol=1e-5)

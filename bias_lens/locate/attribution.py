@@ -246,12 +246,17 @@ def neuron_attribution(
     ts = check_pair(lm, targets)
     layers = list(range(lm.n_layers)) if layers is None else _check_layers(lm, layers)
     cache = cache if cache is not None else collect_last(lm, prompts, batch_size=batch_size)
-    per = torch.cat([neuron_scores(lm, cache, ts, l, norm) for l in layers], 1)
-    score, signed = _rank(per, rank)
+    if keep_per_prompt:
+        per = torch.cat([neuron_scores(lm, cache, ts, l, norm) for l in layers], 1)
+        score, signed = _rank(per, rank)
+    else:  # reduce layer by layer: never holds the [prompt, n_layers * d_mlp] matrix (peak RSS)
+        parts = [_rank(neuron_scores(lm, cache, ts, l, norm), rank) for l in layers]
+        score, signed = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        per = None
     labels = [f"L{l}N{k}" for l in layers for k in range(lm.d_mlp)]
     return LocateResult(
         "attribution", labels, score, variant=f"neurons,norm={norm},rank={rank}",
-        per_prompt=per.float() if keep_per_prompt else None, model=lm.name, n_samples=cache.n_prompts,
+        per_prompt=per.float() if per is not None else None, model=lm.name, n_samples=cache.n_prompts,
         extras={"signed": signed.float(), "targets": list(ts.words), "layers": layers, "d_mlp": lm.d_mlp},
     )
 
