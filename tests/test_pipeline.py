@@ -128,3 +128,23 @@ def test_full_rows_reach_the_edit_plan():
     ft = neu.finetune_config()
     assert ft.hint_weight == 1.0 and ft.hint_loss == "hinted_drop" and ft.ub_tolerance == 0.05
     assert not plans["neuron (MSME)"].hint_anchor
+    fp = plans["FPFT"]
+    assert (fp.lr, fp.epochs, fp.eval_every, fp.patience, fp.dev_limit) == (1e-5, 1, 2, cfg.patience, cfg.dev_limit)
+
+
+def test_module_edit_target_is_restricted_to_the_chosen_kinds():
+    """Ties of the zero-ablation scan (v = o = whole attention) do not decide the edit target:
+    the module rows rank only the configured kinds, in the scan's order."""
+    from bias_lens.locate.result import LocateResult
+    from bias_lens.pipeline.locate_stage import restrict_modules, top_weight_module
+
+    labels = ["L1.attn.v", "L1.attn.o", "L1.attn", "L2.mlp.gate", "L2.mlp.down", "L2.mlp", "L0.mlp.down"]
+    scan = LocateResult("module", labels, torch.tensor([0.5, 0.5, 0.5, 0.4, 0.4, 0.4, 0.1]))
+    assert top_weight_module(scan) == "L1.attn.v"
+    assert top_weight_module(scan, ("mlp.down",)) == "L2.mlp.down"
+    r = restrict_modules(scan, ("mlp.down",))
+    assert r.labels == ["L2.mlp.down", "L0.mlp.down"] and r.top_labels(1) == ["L2.mlp.down"]
+    torch.testing.assert_close(r.scores, torch.tensor([0.4, 0.1]))
+    with pytest.raises(ValueError, match="unknown module kinds"):
+        restrict_modules(scan, ("mlp.nope",))
+    assert RunConfig.full().edit_module_kinds == ("mlp.down",)

@@ -3,6 +3,7 @@ Python quickstart runs as written (on a tiny model instead of SmolLM2, nothing e
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -35,3 +36,21 @@ def test_python_quickstart_runs(tiny_llama, tmp_path, monkeypatch):
     exec(compile(code, "README-quickstart", "exec"), ns)
     assert (tmp_path / "debiased" / "bias_lens_edit.json").exists()
     assert ns["mask"].size == ns["entries"].extras["n_entries"]
+
+
+def test_readme_results_are_the_committed_runs():
+    """The README's SmolLM2 results block is exactly what scripts/readme_results.py renders from
+    figures/results.json (the committed output of the full run), and its figures exist."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("readme_results", root / "scripts" / "readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    readme = (root / "README.md").read_text()
+    assert mod.current_block(readme) == mod.render(), "README results are stale: run scripts/readme_results.py RUN_DIR"
+    res = json.loads((root / "figures" / "results.json").read_text())
+    assert not res["meta"]["config"]["quick"], "the README shows a full run"
+    for line in mod.render().splitlines():
+        if line.startswith("![") and "](" in line:
+            assert (root / line.split("](", 1)[1].rstrip(")")).exists(), line

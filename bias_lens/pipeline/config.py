@@ -1,6 +1,6 @@
 """What the main job runs: suites, sample sizes, locate methods and the edit rows of the report.
 
-Two presets: :meth:`RunConfig.full` (the README's numbers; about 20-30 minutes for the embedded
+Two presets: :meth:`RunConfig.full` (the README's numbers; under 30 minutes for the embedded
 model on 2 CPU cores) and :meth:`RunConfig.quick` (a few minutes: fewer samples, fewer rows,
 capped fine-tuning). The hash of a config (plus the model fingerprint and package version)
 keys the stage cache, so changing any field recomputes instead of reusing stale results.
@@ -32,13 +32,17 @@ class EditRow:
     hint_loss: str = "ub_drop"
     lr: float | None = None
     epochs: int | None = None
+    eval_every: int | None = None  # dev/retention check every N steps (None: every step)
+    patience: int | None = None  # None: RunConfig.patience
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 FULL_ROWS = (
-    EditRow("FPFT", "fpft"),
+    # FPFT: Adam's first full-model step alone moves perplexity past the +5% guard at lr 1e-5, so the
+    # first check comes after two steps (as in docs/edit.md's sweep)
+    EditRow("FPFT", "fpft", lr=1e-5, epochs=1, eval_every=2),
     EditRow("PB", "prompt"),
     EditRow("layer (MSME)", "msme", "layer"),
     EditRow("layer (LFTF)", "lftf", "layer"),
@@ -50,8 +54,9 @@ FULL_ROWS = (
     EditRow("neuron (LFTF)", "lftf", "neuron"),
     # the UB-anchored settings measured best in docs/edit_hint.md (issue 5's UB criterion)
     EditRow("module (gap + UB anchor)", "msme", "module", loss="gap", hint_anchor=True, hint_loss="ub_drop",
-            lr=2e-4, epochs=3),
-    EditRow("neuron (MSME + UB anchor)", "msme", "neuron", hint_anchor=True, hint_loss="hinted_drop", epochs=3),
+            lr=2e-4, epochs=3, eval_every=1),
+    EditRow("neuron (MSME + UB anchor)", "msme", "neuron", hint_anchor=True, hint_loss="hinted_drop", epochs=3,
+            eval_every=1),
     EditRow("attribution masking", "mask", "attribution"),
     EditRow("contrastive", "contrastive", "module"),
 )
@@ -62,14 +67,15 @@ QUICK_ROWS = (
     EditRow("neuron (LFTF)", "lftf", "neuron"),
     # the UB-anchored settings measured best in docs/edit_hint.md (issue 5's UB criterion)
     EditRow("module (gap + UB anchor)", "msme", "module", loss="gap", hint_anchor=True, hint_loss="ub_drop",
-            lr=2e-4, epochs=3),
-    EditRow("neuron (MSME + UB anchor)", "msme", "neuron", hint_anchor=True, hint_loss="hinted_drop", epochs=3),
+            lr=2e-4, epochs=3, eval_every=1),
+    EditRow("neuron (MSME + UB anchor)", "msme", "neuron", hint_anchor=True, hint_loss="hinted_drop", epochs=3,
+            eval_every=1),
     EditRow("attribution masking", "mask", "attribution"),
 )
 
 #: suites evaluated before editing (test splits); ``None`` = all samples
-FULL_EVAL = {"genbiaspro-cg": 512, "genbiaseval": None, "genhinteval": None, "dama": None, "stereoset": None,
-             "crows-pairs": None, "winogender": None, "winobias": None, "religion": None, "retention": None}
+FULL_EVAL = {"genbiaspro-cg": 256, "genbiaseval": None, "genhinteval": None, "dama": None, "stereoset": None,
+             "crows-pairs": None, "winogender": None, "winobias": 400, "religion": None, "retention": None}
 QUICK_EVAL = {"genbiaspro-cg": 64, "genbiaseval": 128, "genhinteval": 96, "stereoset": 64, "crows-pairs": 64,
               "winogender": 64, "retention": 120}
 
@@ -85,16 +91,27 @@ class RunConfig:
     locate_seed: int = 0
     eval_limits: dict[str, int | None] = field(default_factory=lambda: dict(FULL_EVAL))
     #: limits of the per-row metrics (each edited model is measured on these)
+    #: (sized so the full run stays under 30 minutes on 2 CPU cores: each of the 14 rows is measured)
     row_limits: dict[str, int | None] = field(default_factory=lambda: {
-        "genbiaseval": None, "genhinteval": None, "genbiaspro-cg": 128, "stereoset": None, "crows-pairs": None,
-        "retention": 300})
+        "genbiaseval": 256, "genhinteval": 128, "genbiaspro-cg": 32, "stereoset": 96, "crows-pairs": 96,
+        "retention": 80})
     rows: tuple[EditRow, ...] = FULL_ROWS
-    n_train: int = 256
+    n_train: int = 128
+    patience: int = 8  # early stopping: dev checks without improvement before stopping
+    dev_limit: int = 64  # GenBiasEval dev prompts of each early-stopping check
+    #: module/row/neuron edits target the top module of these kinds. Default: the FFN output matrix.
+    #: The scan's overall top single-matrix module on SmolLM2 is L26.attn.v (tied with o and the whole
+    #: attention); the papers' losses on it barely moved AFGB in 8 steps (-2%, docs/edit.md), so the
+    #: run edits the top FFN down projection (L29); pass WEIGHT_MODULES to rank every matrix.
+    edit_module_kinds: tuple[str, ...] = ("mlp.down",)
     max_steps: int | None = None
-    module_final: bool = True  # module scale: also score the final-output effect (blocks i..L-1)
+    #: module scale: also score the final-output effect (replays blocks i..L-1 per ablation, ~5x the
+    #: block-output scan: 12 of the full run's minutes on 2 cores; `bias-lens locate module` scores it)
+    module_final: bool = False
     bmi_robustness: bool = True
-    causal_k: int = 50
-    causal_candidates: int = 100
+    causal_k: int = 16
+    causal_candidates: int = 32
+    n_causal_dev: int = 64  # dev prompts of causal selection (each candidate is one masked pass over them)
     circuit_depth: int = 2
     seed: int = 0
     batch_size: int = 32

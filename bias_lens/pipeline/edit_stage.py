@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: which locate result feeds which scale
-SCALE_RESULT = {"layer": "layer", "module": "module", "row": "row", "neuron": "neuron",
+SCALE_RESULT = {"layer": "layer", "module": "module_edit", "row": "row", "neuron": "neuron",
                 "attribution": "causal_selected"}
 
 
@@ -76,7 +76,9 @@ def row_plan(cfg, row):
 
     return EditPlan(method=row.method, scale=row.scale, suite=cfg.suite, n_samples=cfg.n_train, seed=cfg.seed,
                     k=row.k, loss=row.loss, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                    hint_anchor=row.hint_anchor, hint_loss=row.hint_loss, lr=row.lr, epochs=row.epochs)
+                    hint_anchor=row.hint_anchor, hint_loss=row.hint_loss, lr=row.lr, epochs=row.epochs,
+                    eval_every=row.eval_every, patience=row.patience if row.patience is not None else cfg.patience,
+                    dev_limit=cfg.dev_limit)
 
 
 def run_row(lm, cfg, row, results: dict[str, Any], cache) -> dict[str, Any]:

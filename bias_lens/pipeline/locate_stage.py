@@ -1,8 +1,8 @@
 """Stage 2 of the main job: locate at every scale on the suite's train prompts.
 
 Order and reuse: one residual pass gives the layer score and BMI; the module scan picks the
-module whose rows and entries are scored next (the top *weight* module of the block-output
-score, as MSME narrows layer -> module -> row -> neuron); one cached last-position pass feeds
+module whose rows and entries are scored next (the top block-output score among the weight
+matrices of ``RunConfig.edit_module_kinds``, as MSME narrows layer -> module -> row -> neuron); one cached last-position pass feeds
 neuron/head attribution, the general-neuron filter, causal selection and the circuit trace.
 """
 
@@ -19,12 +19,32 @@ log = logging.getLogger(__name__)
 WEIGHT_MODULES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 
 
-def top_weight_module(module_result: LocateResult) -> str:
-    """The highest-scoring single-matrix module label (skips the whole-``attn``/``mlp`` entries)."""
+def top_weight_module(module_result: LocateResult, kinds: tuple[str, ...] = WEIGHT_MODULES) -> str:
+    """The highest-scoring single-matrix module label of one of ``kinds`` (skips whole ``attn``/``mlp``)."""
     for lab in module_result.top_labels(len(module_result.labels)):
-        if lab.split(".", 1)[1] in WEIGHT_MODULES:
+        if lab.split(".", 1)[1] in kinds:
             return lab
-    raise ValueError("the module scan scored no single-matrix module")
+    raise ValueError(f"the module scan scored no module of kinds {', '.join(kinds)}")
+
+
+def restrict_modules(module_result: LocateResult, kinds: tuple[str, ...]) -> LocateResult:
+    """The module scan restricted to single-matrix modules of ``kinds`` (what the module edit ranks).
+
+    Zero-ablation gives equal scores to matrices whose zeroing removes the same signal (without
+    biases: q = k, v = o = whole attention, gate = up = down = whole MLP), so the edit target is
+    chosen among the kinds the run edits (``RunConfig.edit_module_kinds``) rather than by tie order.
+    """
+    bad = [k for k in kinds if k not in WEIGHT_MODULES]
+    if bad:
+        raise ValueError(f"unknown module kinds {bad}; choose from {', '.join(WEIGHT_MODULES)}")
+    idx = [i for i, lab in enumerate(module_result.labels) if lab.split(".", 1)[1] in kinds]
+    if not idx:
+        raise ValueError(f"the module scan scored no module of kinds {', '.join(kinds)}")
+    return LocateResult(
+        module_result.method, [module_result.labels[i] for i in idx], module_result.scores[idx],
+        variant=f"{module_result.variant},kinds={'+'.join(kinds)}", model=module_result.model,
+        n_samples=module_result.n_samples, extras={"restricted_from": "module", "kinds": list(kinds)},
+    )
 
 
 def locate_all(lm, cfg, prompts: list[str], dev_prompts: list[str], cache, step: Callable[[str], None],
@@ -68,7 +88,9 @@ def locate_all(lm, cfg, prompts: list[str], dev_prompts: list[str], cache, step:
         pool = [s["prompt"] for s in load_split(cfg.suite, "train")]
         cached("bmi_robustness", lambda: bmi_robustness(lm, pool, n=100, batch_size=bs))
     mod = cached("module", lambda: module_scale(lm, prompts, batch_size=bs, final=cfg.module_final))
-    target = top_weight_module(mod)
+    kinds = tuple(cfg.edit_module_kinds)
+    out["module_edit"] = restrict_modules(mod, kinds)
+    target = top_weight_module(mod, kinds)
     rows = cached("row", lambda: row_scale(lm, prompts, target, batch_size=bs))
     cached("row_ascending", lambda: row_scale(lm, prompts, target, order="ascending", batch_size=bs))
     cached("neuron", lambda: neuron_scale(lm, prompts, target, rows=rows, batch_size=bs))

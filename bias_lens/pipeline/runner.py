@@ -92,7 +92,7 @@ def run_pipeline(cfg: RunConfig, out: Path | None = None, *, force: bool = False
         # 2. locate
         prompts = sample_prompts(cfg.suite, "train", cfg.n_locate, seed=cfg.locate_seed)
         cg = sample_prompts("genbiaspro-cg", "train", cfg.n_locate, seed=cfg.locate_seed)
-        dev = [s["prompt"] for s in load_split(cfg.suite, "dev")][: (64 if cfg.quick else 128)]
+        dev = [s["prompt"] for s in load_split(cfg.suite, "dev")][: cfg.n_causal_dev]
         n_steps = 15 + (1 if cfg.bmi_robustness else 0)
         with _bar(n_steps, "2/5 locate", progress) as bar:
             results = locate_all(lm, cfg, prompts, dev, cache, lambda name: (bar.set_postfix_str(name), bar.update(1)),
