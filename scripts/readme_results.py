@@ -45,7 +45,7 @@ def render(fig: Path = FIG) -> str:
            "| suite | n | metrics |", "|---|---:|---|"]
     for suite, e in res["evaluate"].items():
         out.append(f"| {suite} | {e['n']} | {_metrics_line(e['metrics'])} |")
-    results = {p.stem: LocateResult.load(p) for p in sorted((fig / "locate").glob("*.json"))}
+    results = {p.stem: LocateResult.load(p) for p in sorted((fig / "locate").glob("*.json")) if p.stem != "circuit"}
     out += ["", "**Located** (200 GenBiasEval train prompts; top 5 per method):", "", *_locate_summary(results), "",
             "**Edited** (train: GenBiasEval train samples, early stopping on dev; every row measured on test and "
             "undone; Cost-P = weights in the edit mask):", "", markdown_table(res["org"], res["rows"]), ""]
@@ -72,6 +72,20 @@ def current_block(readme: str) -> str:
     return BEGIN + readme.split(BEGIN, 1)[1].split(END, 1)[0] + END
 
 
+def slim(src: Path, dst: Path, keep: int = 50) -> None:
+    """A large locate result cut to its top ``keep`` labels, no per-prompt scores and only small extras
+    (the README shows the top 5 and a few extras; the full results stay in the run folder)."""
+    sys.path.insert(0, str(ROOT))
+    from bias_lens.locate.result import LocateResult
+
+    r = LocateResult.load(src)
+    # small results keep every label in their own order (extras such as per_sample_argmax index them)
+    idx = list(range(len(r.labels))) if len(r.labels) <= 500 else r.order()[:keep]
+    extras = {k: v for k, v in r.extras.items() if not hasattr(v, "__len__") or isinstance(v, str) or len(v) <= 200}
+    LocateResult(r.method, [r.labels[i] for i in idx], r.scores[idx], variant=r.variant, extras=extras,
+                 ascending=r.ascending, model=r.model, n_samples=r.n_samples).save(dst)
+
+
 def copy_run(run: Path, fig: Path = FIG) -> None:
     """Copy a run's results, report, locate results and figures into ``fig`` (replacing them)."""
     if not (run / "results.json").exists():
@@ -82,7 +96,12 @@ def copy_run(run: Path, fig: Path = FIG) -> None:
     (fig / "report.md").write_text((run / "report.md").read_text().replace("](figures/", "]("))
     if (fig / "locate").exists():
         shutil.rmtree(fig / "locate")
-    shutil.copytree(run / "locate", fig / "locate")
+    (fig / "locate").mkdir()
+    for f in sorted((run / "locate").glob("*.json")):
+        if "method" in json.loads(f.read_text()):
+            slim(f, fig / "locate" / f.name)
+        else:  # the circuit graph (small)
+            shutil.copy2(f, fig / "locate" / f.name)
     for f in (run / "figures").iterdir():
         if f.is_file():
             shutil.copy2(f, fig / f.name)
