@@ -148,3 +148,14 @@ def test_module_edit_target_is_restricted_to_the_chosen_kinds():
     with pytest.raises(ValueError, match="unknown module kinds"):
         restrict_modules(scan, ("mlp.nope",))
     assert RunConfig.full().edit_module_kinds == ("mlp.down",)
+
+
+def test_quick_preset_is_a_small_subset_of_the_full_run():
+    from bias_lens.pipeline.config import FULL_ROWS, QUICK_ROWS
+
+    q, f = RunConfig.quick_preset(), RunConfig.full()
+    assert q.rows == QUICK_ROWS and set(QUICK_ROWS) <= set(FULL_ROWS) and len(QUICK_ROWS) == 4
+    assert not any(r.hint_anchor for r in QUICK_ROWS) and sum(r.hint_anchor for r in FULL_ROWS) == 2
+    for k, v in q.row_limits.items():
+        assert v <= (f.row_limits[k] or 10**9), k
+    assert q.n_locate < f.n_locate and q.causal_candidates < f.causal_candidates and q.max_steps is not None

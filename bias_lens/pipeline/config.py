@@ -65,19 +65,14 @@ QUICK_ROWS = (
     EditRow("PB", "prompt"),
     EditRow("module (MSME)", "msme", "module"),
     EditRow("neuron (LFTF)", "lftf", "neuron"),
-    # the UB-anchored settings measured best in docs/edit_hint.md (issue 5's UB criterion)
-    EditRow("module (gap + UB anchor)", "msme", "module", loss="gap", hint_anchor=True, hint_loss="ub_drop",
-            lr=2e-4, epochs=3, eval_every=1),
-    EditRow("neuron (MSME + UB anchor)", "msme", "neuron", hint_anchor=True, hint_loss="hinted_drop", epochs=3,
-            eval_every=1),
     EditRow("attribution masking", "mask", "attribution"),
 )
 
 #: suites evaluated before editing (test splits); ``None`` = all samples
 FULL_EVAL = {"genbiaspro-cg": 256, "genbiaseval": None, "genhinteval": None, "dama": None, "stereoset": None,
              "crows-pairs": None, "winogender": None, "winobias": 400, "religion": None, "retention": None}
-QUICK_EVAL = {"genbiaspro-cg": 64, "genbiaseval": 128, "genhinteval": 96, "stereoset": 64, "crows-pairs": 64,
-              "winogender": 64, "retention": 120}
+QUICK_EVAL = {"genbiaspro-cg": 32, "genbiaseval": 128, "genhinteval": 96, "stereoset": 64, "crows-pairs": 64,
+              "winogender": 64, "retention": 80}
 
 
 @dataclass
@@ -122,10 +117,11 @@ class RunConfig:
 
     @classmethod
     def quick_preset(cls, **kw: Any) -> "RunConfig":
-        base = dict(quick=True, n_locate=48, eval_limits=dict(QUICK_EVAL), rows=QUICK_ROWS, n_train=64, max_steps=6,
-                    module_final=False, bmi_robustness=False, causal_k=10, causal_candidates=24, circuit_depth=1,
-                    row_limits={"genbiaseval": 128, "genhinteval": 96, "genbiaspro-cg": 48, "stereoset": 64,
-                                "crows-pairs": 64, "retention": 120})
+        base = dict(quick=True, n_locate=32, eval_limits=dict(QUICK_EVAL), rows=QUICK_ROWS, n_train=64, max_steps=4,
+                    module_final=False, bmi_robustness=False, causal_k=8, causal_candidates=12, n_causal_dev=32,
+                    circuit_depth=1, dev_limit=32, patience=2,
+                    row_limits={"genbiaseval": 64, "genhinteval": 48, "genbiaspro-cg": 16, "stereoset": 32,
+                                "crows-pairs": 32, "retention": 40})
         base.update(kw)
         return cls(**base)
 
