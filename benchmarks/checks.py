@@ -1,9 +1,9 @@
 """Follow-up measurements behind the notes on misses in docs/performance.md (run on demand).
 
     python benchmarks/checks.py long [--n 32]     # layer_scale / floor on long GenBiasPro-CG prompts
-    python benchmarks/checks.py rss  [--n 1024]   # peak RSS (VmHWM) of neuron_attribution alone, shipped vs proposed fix
+    python benchmarks/checks.py rss  [--n 1024]   # peak RSS (VmHWM) of neuron_attribution alone
 
-Each prints one JSON line. ``rss`` runs every variant in its own fresh subprocess.
+Each prints one JSON line. ``rss`` runs the measurement in a fresh subprocess.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from anchors import bare_forward  # noqa: E402
 from harness import time_case  # noqa: E402
-from run import attribution_with_fix, vm_hwm_gb  # noqa: E402
+from run import vm_hwm_gb  # noqa: E402
 
 from bias_lens import load_model  # noqa: E402
 from bias_lens.benchmarks import sample_prompts  # noqa: E402
@@ -40,35 +40,31 @@ def long_prompts(n: int) -> dict:
             "layer_scale_s": t, "ratio": t / floor}
 
 
-def rss_one(n: int, variant: str) -> dict:
+def rss_one(n: int) -> dict:
     from bias_lens.locate.attribution import neuron_attribution
 
     lm = load_model("smollm2-135m")
     prompts = sample_prompts("genbiaseval", "train", n, seed=0)
     after_load = vm_hwm_gb()
-    (neuron_attribution if variant == "shipped" else attribution_with_fix)(lm, prompts)
-    return {"variant": variant, "n": n, "vmhwm_after_load_gb": after_load, "vmhwm_peak_gb": vm_hwm_gb()}
+    neuron_attribution(lm, prompts)
+    return {"n": n, "vmhwm_after_load_gb": after_load, "vmhwm_peak_gb": vm_hwm_gb()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["long", "rss", "rss-one"])
     ap.add_argument("--n", type=int, default=None)
-    ap.add_argument("--variant", default="shipped", choices=["shipped", "fix"])
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.what == "long":
         print(json.dumps(long_prompts(a.n or 32)))
     elif a.what == "rss-one":
-        print(json.dumps(rss_one(a.n or 1024, a.variant)))
-    else:
-        outs = []
-        for v in ("shipped", "fix"):
-            cmd = [sys.executable, __file__, "rss-one", "--n", str(a.n or 1024), "--variant", v, "--threads", str(a.threads)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            outs.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        print(json.dumps(outs))
+        print(json.dumps(rss_one(a.n or 1024)))
+    else:  # in a fresh subprocess, so the high-water mark is attribution's own
+        cmd = [sys.executable, __file__, "rss-one", "--n", str(a.n or 1024), "--threads", str(a.threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        print(res.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -118,30 +118,6 @@ def measure_rss(n: int, threads: int) -> dict:
     return out
 
 
-def with_grad(fn, *args, **kw):
-    """row_scale/neuron_scale need autograd on (they fail under a global no_grad); the run keeps it off elsewhere."""
-    with torch.enable_grad():
-        return fn(*args, **kw)
-
-
-def proposed_logit_diff_dir(lm, ts):
-    """Recommended fix for ``attribution.logit_diff_dir``: cast the two W_U rows, not all of W_U, to float64."""
-    W_U = lm.unembed.weight.detach()
-    return W_U[ts.first_ids[1]].double() - W_U[ts.first_ids[0]].double()
-
-
-def attribution_with_fix(lm, prompts):
-    """neuron_attribution with :func:`proposed_logit_diff_dir` patched in for the call only."""
-    import bias_lens.locate.attribution as attr
-
-    orig = attr.logit_diff_dir
-    attr.logit_diff_dir = proposed_logit_diff_dir
-    try:
-        return attr.neuron_attribution(lm, prompts)
-    finally:
-        attr.logit_diff_dir = orig
-
-
 def profile(fn, path: Path, top: int = 30) -> str:
     pr = cProfile.Profile()
     pr.enable()
@@ -196,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
         Case("bmi", lambda: bmi(lm, prompts), 1.5, repeat=a.repeat),
         Case("layer_scale_and_bmi (one pass)", lambda: layer_scale_and_bmi(lm, prompts), 1.5, repeat=a.repeat),
         Case("neuron_attribution (all 46,080 neurons)", lambda: neuron_attribution(lm, prompts), 2.0, repeat=a.repeat),
-        Case("  same, proposed logit_diff_dir fix (patched)", lambda: attribution_with_fix(lm, prompts), 2.0,
-             repeat=a.repeat, note="not the library as shipped; see docs/performance.md"),
     ]
     if "module" not in skip:
         n_abl = lm.n_layers * len(available_modules(lm))
@@ -209,13 +183,10 @@ def main(argv: list[str] | None = None) -> int:
                               note=f"{n_abl} ablations on {a.module_n} prompts"))
     if "grad" not in skip:
         for mod in (FT_MODULE, MID_ATTN):
-            cases.append(Case(f"row_scale {mod}", lambda mod=mod: with_grad(row_scale, lm, prompts, mod), 3.5, repeat=a.repeat))
-            cases.append(Case(f"neuron_scale {mod}", lambda mod=mod: with_grad(neuron_scale, lm, prompts, mod), 3.5,
+            cases.append(Case(f"row_scale {mod}", lambda mod=mod: row_scale(lm, prompts, mod), 3.5, repeat=a.repeat))
+            cases.append(Case(f"neuron_scale {mod}", lambda mod=mod: neuron_scale(lm, prompts, mod), 3.5,
                               repeat=a.repeat, note="rows chosen in the same passes (rows=None)"))
     run_cases(report, cases)
-    # the patched variant must give the same scores as the shipped one
-    r0, r1 = neuron_attribution(lm, prompts[:32]), attribution_with_fix(lm, prompts[:32])
-    report.extra["attribution_fix_max_abs_diff"] = float((r0.scores - r1.scores).abs().max())
 
     # ---- naive anchors for the layer score: timed on a subset, scaled per prompt to N
     if "anchors" not in skip:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bias_lens.edit import mask_from_labels
-from bias_lens.edit.finetune import FinetuneConfig, dev_ub, masked_finetune
+from bias_lens.edit.finetune import FinetuneConfig, masked_finetune
+from bias_lens.edit.measure import dev_ub
 from bias_lens.edit.losses import anchored, get_hint_loss, hinted_drop, msme_literal, ub_drop, ub_l2
 from bias_lens.edit.pipeline import EditPlan, hint_samples
 

@@ -134,17 +134,6 @@ def _forward_probs(lm, overrides: dict[str, Tensor], prompts: list[str], tid: Te
     return torch.softmax(logits, -1)[:, tid.to(logits.device)]
 
 
-@torch.no_grad()
-def dev_ub(lm, samples: Sequence[dict], *, batch_size: int = 32) -> float:
-    """Raw UB-Score (mean ``F (p(he) - p(she))``) on GenHintEval ``samples``: the UB guard metric."""
-    from ..scoring import target_probs
-    from .measure import he_she
-
-    p = target_probs(lm, [s["prompt"] for s in samples], he_she(lm), batch_size=batch_size)
-    F = torch.tensor([float(s["F"]) for s in samples], dtype=p.dtype)
-    return float((F * (p[:, 0] - p[:, 1])).mean())
-
-
 def _hint_chunks(lm, hint: Sequence[dict], bs: int, seed: int, tid: Tensor) -> list[tuple[list[str], Tensor, Tensor]]:
     """Fixed seeded chunks (prompts, F, p0) of hinted samples; p0 by the training forward itself."""
     gen = torch.Generator().manual_seed(seed + 1)
@@ -179,7 +168,7 @@ def masked_finetune(
     ``config.ub_tolerance`` is set. The model is unchanged on return; apply ``result.edit`` to
     keep the change.
     """
-    from .measure import dev_afgb, he_she, retention_perplexity, retention_texts
+    from .measure import dev_afgb, dev_ub, he_she, retention_perplexity, retention_texts
 
     cfg = config or FinetuneConfig()
     if not train:

@@ -99,6 +99,15 @@ def dev_afgb(lm: Any, prompts: Sequence[str], *, batch_size: int = 32) -> float:
     return float((p[:, 0] - p[:, 1]).abs().mean())
 
 
+def dev_ub(lm: Any, samples: Sequence[dict], *, batch_size: int = 32) -> float:
+    """Raw UB-Score (LFTF Eq. 2-3) on GenHintEval ``samples`` (``prompt``, ``F``): the UB guard metric."""
+    from ..benchmarks.metrics import ub
+    from ..scoring import target_probs
+
+    p = target_probs(lm, [s["prompt"] for s in samples], he_she(lm), batch_size=batch_size)
+    return ub(p, [float(s["F"]) for s in samples])
+
+
 def retention_texts(limit: int = 64) -> list[str]:
     """The first ``limit`` retention sentences of the benchmark's fixed order."""
     from ..benchmarks.external import retention_sentences

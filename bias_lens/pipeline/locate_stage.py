@@ -21,10 +21,7 @@ WEIGHT_MODULES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", 
 
 def top_weight_module(module_result: LocateResult, kinds: tuple[str, ...] = WEIGHT_MODULES) -> str:
     """The highest-scoring single-matrix module label of one of ``kinds`` (skips whole ``attn``/``mlp``)."""
-    for lab in module_result.top_labels(len(module_result.labels)):
-        if lab.split(".", 1)[1] in kinds:
-            return lab
-    raise ValueError(f"the module scan scored no module of kinds {', '.join(kinds)}")
+    return restrict_modules(module_result, kinds).top_labels(1)[0]
 
 
 def restrict_modules(module_result: LocateResult, kinds: tuple[str, ...]) -> LocateResult:
@@ -88,9 +85,8 @@ def locate_all(lm, cfg, prompts: list[str], dev_prompts: list[str], cache, step:
         pool = [s["prompt"] for s in load_split(cfg.suite, "train")]
         cached("bmi_robustness", lambda: bmi_robustness(lm, pool, n=100, batch_size=bs))
     mod = cached("module", lambda: module_scale(lm, prompts, batch_size=bs, final=cfg.module_final))
-    kinds = tuple(cfg.edit_module_kinds)
-    out["module_edit"] = restrict_modules(mod, kinds)
-    target = top_weight_module(mod, kinds)
+    out["module_edit"] = restrict_modules(mod, tuple(cfg.edit_module_kinds))
+    target = out["module_edit"].top_labels(1)[0]
     rows = cached("row", lambda: row_scale(lm, prompts, target, batch_size=bs))
     cached("row_ascending", lambda: row_scale(lm, prompts, target, order="ascending", batch_size=bs))
     cached("neuron", lambda: neuron_scale(lm, prompts, target, rows=rows, batch_size=bs))
