@@ -148,6 +148,8 @@ def test_module_edit_target_is_restricted_to_the_chosen_kinds():
     with pytest.raises(ValueError, match="unknown module kinds"):
         restrict_modules(scan, ("mlp.nope",))
     assert RunConfig.full().edit_module_kinds == ("mlp.down",)
+    with pytest.raises(ValueError, match="edit_module_kinds"):  # refused up front, not after the evaluate stage
+        RunConfig.full(edit_module_kinds=("mlp.nope",))
 
 
 def test_quick_preset_is_a_small_subset_of_the_full_run():

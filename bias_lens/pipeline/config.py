@@ -111,6 +111,13 @@ class RunConfig:
     seed: int = 0
     batch_size: int = 32
 
+    def __post_init__(self) -> None:
+        from .locate_stage import WEIGHT_MODULES
+
+        bad = [k for k in self.edit_module_kinds if k not in WEIGHT_MODULES]
+        if bad or not self.edit_module_kinds:
+            raise ValueError(f"edit_module_kinds {list(self.edit_module_kinds)} invalid; choose from {', '.join(WEIGHT_MODULES)}")
+
     @classmethod
     def full(cls, **kw: Any) -> "RunConfig":
         return cls(**kw)
