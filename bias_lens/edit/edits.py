@@ -6,11 +6,21 @@ for. Computing one never touches the model. :meth:`Edit.apply_` validates everyt
 (so a refused edit changes nothing), then writes the entries in place and returns an
 :class:`EditHandle` holding only the original values of those entries; :meth:`EditHandle.undo`
 writes them back bit-exactly. Edits compose with :meth:`Edit.then` (later edit wins on overlap).
+
+Undo order is enforced: every applied edit is logged per parameter (in apply order) until it is
+undone. A handle may be undone only when no edit applied after it and still applied wrote any of
+the same entries (else undoing it would write its originals over the later edit's values);
+otherwise :meth:`EditHandle.undo` raises :class:`UndoOrderError` and changes nothing. Edits that
+touch disjoint entries (even of the same tensor) undo in any order. The log is keyed by the
+Parameter object, so it follows a parameter shared by two module trees and vanishes with it;
+writes made outside :meth:`Edit.apply_` are not tracked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +31,40 @@ from torch import Tensor, nn
 from .masks import ParamMask
 
 _INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+
+
+class UndoOrderError(RuntimeError):
+    """An undo that would overwrite a later, still-applied edit's entries (nothing was changed)."""
+
+
+@dataclass(frozen=True, eq=False)
+class _Write:
+    """One applied edit's entries of one parameter, as kept in the undo log."""
+
+    seq: int
+    indices: Tensor | None  # None: every entry (kept compact, as a discarded handle's entry lives on)
+    method: str
+    handle: "weakref.ref[EditHandle]"
+
+    def shared(self, i: Tensor, numel: int) -> int:
+        """How many of the (unique) flat indices ``i`` of a ``numel``-entry tensor this write also wrote."""
+        if self.indices is None:
+            return int(i.numel())
+        if i.numel() == numel:
+            return int(self.indices.numel())
+        return int(torch.isin(self.indices, i).sum())
+
+
+_SEQ = itertools.count()
+_LOG: dict[int, list[_Write]] = {}  # id(Parameter) -> its still-applied writes, in apply order
+
+
+def _log_of(p: Tensor) -> list[_Write]:
+    key = id(p)
+    if key not in _LOG:
+        _LOG[key] = []
+        weakref.finalize(p, _LOG.pop, key, None)  # the id may be reused once p is gone
+    return _LOG[key]
 
 
 def _model(obj) -> nn.Module:
@@ -175,7 +219,12 @@ class Edit:
                 di = i.to(flat.device)
                 originals[n] = flat[di].clone()
                 flat[di] = self.values[n].to(flat.device)
-        return EditHandle(_model(model), {n: i.clone() for n, i in self.indices.items()}, originals, self)
+        handle = EditHandle(_model(model), {n: i.clone() for n, i in self.indices.items()}, originals, self,
+                            seq=next(_SEQ))
+        for n, i in handle.indices.items():
+            every = i.numel() == params[n].numel()
+            _log_of(params[n]).append(_Write(handle.seq, None if every else i, self.method, weakref.ref(handle)))
+        return handle
 
     @contextlib.contextmanager
     def applied(self, model) -> Iterator["EditHandle"]:
@@ -196,21 +245,44 @@ class EditHandle:
     originals: dict[str, Tensor]
     edit: Edit
     undone: bool = False
+    seq: int | None = None  # position in the undo log (None: built by hand, not logged)
 
     @property
     def size(self) -> int:
         return int(sum(i.numel() for i in self.indices.values()))
 
     def undo(self) -> None:
-        """Restore every overwritten entry bit-exactly (once; undo edits in reverse order of applying)."""
+        """Restore every overwritten entry bit-exactly (once).
+
+        Raises :class:`UndoOrderError`, changing nothing, while an edit applied later and not yet
+        undone wrote some of the same entries: undo that one first (reverse order of applying).
+        """
         if self.undone:
             raise RuntimeError("this edit was already undone")
         params = dict(self.model.named_parameters())
+        self._check_order(params)
         with torch.no_grad():
             for n, i in self.indices.items():
                 flat = params[n].data.view(-1)
                 flat[i.to(flat.device)] = self.originals[n]
+        for n in self.indices:
+            log = _LOG.get(id(params[n]), [])
+            log[:] = [w for w in log if w.seq != self.seq]
         self.undone = True
+
+    def _check_order(self, params: dict[str, nn.Parameter]) -> None:
+        if self.seq is None:
+            return
+        for n, i in self.indices.items():
+            for w in _LOG.get(id(params[n]), []):
+                shared = w.shared(i, params[n].numel()) if w.seq > self.seq else 0
+                if shared:
+                    how = ("undo it first (undo in reverse order of applying)" if w.handle() is not None
+                           else "its handle was discarded, so it is permanent; reload the model for the base weights")
+                    raise UndoOrderError(
+                        f"cannot undo edit {self.edit.method or '(unnamed)'!r}: edit {w.method or '(unnamed)'!r}, "
+                        f"applied after it, also wrote {shared} of its entries of {n}; {how}"
+                    )
 
     def as_edit(self) -> Edit:
         """The inverse edit (writes the originals back), e.g. to save a revert patch."""
