@@ -74,16 +74,19 @@ def py(text: str) -> tuple[str, str]:
 SETUP = py("""
     import time
 
-    import plotly.io as pio
     import torch
 
     from bias_lens.benchmarks import load_split, sample_prompts
     from bias_lens.lens import load_model
+    from bias_lens.plot.notebook import setup_notebook
+
+    # figures show in JupyterLab and in an exported HTML (plotly.js embedded once, no CDN needed)
+    renderer = setup_notebook()
 
     torch.manual_seed(0)
     t_start = time.time()
     lm = load_model("smollm2-135m")  # the embedded SmolLM2-135M-Instruct; lm.hf holds the real weights
-    print(lm, "| plotly renderer:", pio.renderers.default)
+    print(lm, "| plotly renderer:", renderer)
 """)
 
 # ----------------------------------------------------------------------------- 01
@@ -128,7 +131,7 @@ NB01 = [
     py("""
     from bias_lens.locate.layers import layer_scale
 
-    layer = layer_scale(lm, prompts, ts)
+    layer = layer_scale(lm, prompts, ts, progress=True)  # progress=True: a bar while it runs
     print(layer.variant, "| top layers:", layer.top(5))
     print("prompts whose largest change is at each layer:", dict(zip(layer.labels, layer.extras["per_sample_argmax"])))
     """),
@@ -201,7 +204,7 @@ NB01 = [
     from bias_lens.locate.layers import bmi
     from bias_lens.plot.locate import bmi_figure
 
-    block_bmi = bmi(lm, prompts)
+    block_bmi = bmi(lm, prompts, progress=True)
     print("blocks ranked by BMI:", block_bmi.top(5))
 
     io = {}
@@ -309,7 +312,7 @@ NB02 = [
     from bias_lens.plot.locate import module_heatmap
 
     with torch.no_grad():
-        modules = module_scale(lm, prompts, ts, final=False)
+        modules = module_scale(lm, prompts, ts, final=False, progress=True)
     module_heatmap(modules).show()
     print("top modules:", modules.top(6))
     assert all(torch.equal(p, snapshot[n]) for n, p in lm.hf.named_parameters())  # weights restored bit-exactly
@@ -362,7 +365,7 @@ NB02 = [
 
     mlp_modules = [lab for lab in modules.top_labels(len(modules)) if lab.split(".", 1)[1] in ("mlp.gate", "mlp.up", "mlp.down")]
     MODULE = mlp_modules[0]
-    rows_res = row_scale(lm, prompts, MODULE, ts)
+    rows_res = row_scale(lm, prompts, MODULE, ts, progress=True)
     rows_asc = row_scale(lm, prompts, MODULE, ts, order="ascending")
     print(MODULE, rows_res.variant, "| kept", rows_res.extras["n_selected"], "of", rows_res.extras["n_rows"], "rows")
     print("overlap of the two readings' kept rows:",
@@ -410,7 +413,7 @@ NB02 = [
     from bias_lens.locate.gradients import neuron_scale
     from bias_lens.plot.gradients import entry_heatmap
 
-    entries = neuron_scale(lm, prompts, MODULE, ts, rows=rows_res)
+    entries = neuron_scale(lm, prompts, MODULE, ts, rows=rows_res, progress=True)
     print(f"{entries.extras['n_rows']} rows -> {entries.extras['n_entries']} entries; most chosen:", entries.top(5))
     entry_heatmap(entries).show()
     """),
@@ -514,7 +517,7 @@ NB03 = [
     from bias_lens.locate.attribution import collect_last
     from bias_lens.scoring import iter_batches, last_logits
 
-    cache = collect_last(lm, prompts)
+    cache = collect_last(lm, prompts, progress=True)
     b = next(iter_batches(lm.tokenizer, prompts, len(prompts)))
     ref = last_logits(lm.hf(**b.model_inputs()).logits, b.last)  # plain HF forward; rows sorted by length
     ours = lm.logits_from_resid(cache.final[b.rows].float())
@@ -671,7 +674,7 @@ NB03 = [
     py("""
     from bias_lens.locate.causal import causal_selection
 
-    causal = causal_selection(lm, filtered.top_labels(16), dev_prompts, ts, k=5)
+    causal = causal_selection(lm, filtered.top_labels(16), dev_prompts, ts, k=5, progress=True)
     print("dev AFGB unmasked:", round(causal.extras["afgb_base"], 5), "| selected:", causal.extras["selected"])
     go.Figure(go.Bar(
         x=causal.labels, y=causal.scores.tolist(),
@@ -842,7 +845,7 @@ NB04 = [
 
     cfg = FinetuneConfig.for_scale("attribution", epochs=2, batch_size=8, max_steps=8, eval_every=4,
                                    dev_limit=32, retention_limit=16)
-    ft = masked_finetune(lm, mask, train, dev, cfg)
+    ft = masked_finetune(lm, mask, train, dev, cfg, progress=True)
     print(ft.status, "| best step", ft.best_step, "| Adam state entries", ft.optimizer_state_numel, "|", ft.edit)
     go.Figure(go.Scatter(x=[h["step"] for h in ft.history], y=[h["dev_afgb"] for h in ft.history], mode="lines+markers")
               ).update_layout(title="Dev AFGB during masked fine-tuning", xaxis_title="step", yaxis_title="AFGB").show()

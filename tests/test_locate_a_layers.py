@@ -191,7 +191,7 @@ def test_layer_and_bmi_figures_show_the_result(tiny_llama, tmp_path, monkeypatch
     lay, bm = layer_scale_and_bmi(tiny_llama, PROMPTS, norm="cached")
     hm = layer_prompt_heatmap(lay)
     assert torch.equal(torch.tensor(hm.data[0].z, dtype=torch.float64), lay.per_prompt)
-    assert "norm=cached" in hm.layout.title.text
+    assert "norm=cached" in hm.layout.title.subtitle.text  # the variant is the subtitle (issue 17: titles fit)
     assert list(argmax_histogram(lay).data[0].y) == lay.extras["per_sample_argmax"]
     assert len(layer_figure(lay).data) == 3
     rob = bmi_robustness(tiny_llama, PROMPTS, seeds=(0, 1), n=3)

@@ -9,14 +9,17 @@ cell fails the test (with the cell's traceback). Each notebook gets a wall-clock
 The kernel inherits ``OMP_NUM_THREADS=1`` unless the variable is already set: on a machine whose
 few cores are shared with other jobs, a multi-threaded OpenMP pool spin-waits on descheduled
 threads and small forward passes get 5-20x slower (measured here: 8 single-prompt passes took 2 s
-with one thread and 40 s with two under load). ``PLOTLY_RENDERER`` defaults to
-``plotly_mimetype``, what JupyterLab uses, so ``fig.show()`` emits the real figure JSON.
+with one thread and 40 s with two under load). ``PLOTLY_RENDERER`` is removed, so each notebook's
+first cell (``bias_lens.plot.notebook.setup_notebook()``) picks the renderer users get:
+``plotly_mimetype+notebook``, the figure JSON for JupyterLab plus HTML with plotly.js embedded, so
+an nbconvert HTML export of the executed notebook draws every figure offline (checked here).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,6 +44,19 @@ NOTEBOOKS: dict[str, tuple[tuple[str, ...], int]] = {
          "bias_lens.edit.export", "bias_lens.edit.patch", "bias_lens.benchmarks"), 2),
 }
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
+GRAPH_DIV = 'class="plotly-graph-div"'
+
+
+def assert_html_has_figures(nb, n_min: int, name: str) -> str:
+    """nbconvert's HTML export of an executed notebook draws >= ``n_min`` figures with plotly.js inlined."""
+    from nbconvert import HTMLExporter
+
+    html, _ = HTMLExporter().from_notebook_node(nb)
+    divs, plots = html.count(GRAPH_DIV), html.count("Plotly.newPlot(")
+    assert divs >= n_min and plots >= n_min, f"{name}: the HTML export draws {divs} figure divs / {plots} newPlot calls"
+    assert "plotly.js v" in html and "window.Plotly = Plotly" in html, f"{name}: plotly.js is not embedded in the HTML"
+    assert not re.search(r"<script[^>]+src=[\"'][^\"']*plotly", html), f"{name}: the HTML fetches plotly.js (fails offline)"
+    return html
 
 
 def _missing(modules: tuple[str, ...]) -> list[str]:
@@ -73,6 +89,7 @@ def test_committed_notebooks_are_generated_and_stripped():
         assert code and all(c.outputs == [] and c.execution_count is None for c in code), f"{name} has outputs"
         assert sum(c.cell_type == "markdown" for c in nb.cells) >= len(code) // 2, f"{name}: too little explanation"
         assert any("assert " in c.source for c in code), f"{name} checks nothing"
+        assert "setup_notebook()" in code[0].source, f"{name}: the first code cell must call setup_notebook()"
 
 
 def test_generator_check_detects_a_stale_notebook(tmp_path):
@@ -98,8 +115,7 @@ def test_notebook_executes(name, monkeypatch):
 
     if not os.environ.get("OMP_NUM_THREADS"):
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    if not os.environ.get("PLOTLY_RENDERER"):
-        monkeypatch.setenv("PLOTLY_RENDERER", "plotly_mimetype")
+    monkeypatch.delenv("PLOTLY_RENDERER", raising=False)  # the notebooks' own setup_notebook() default
     # the kernel must import this checkout's bias_lens even when it is not installed in the venv
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
@@ -119,4 +135,40 @@ def test_notebook_executes(name, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     figures = sum(PLOTLY_MIME in o.get("data", {}) for o in outputs)
     assert figures >= NOTEBOOKS[name][1], f"{name} showed {figures} plotly figures"
+    html_figures = sum(GRAPH_DIV in o.get("data", {}).get("text/html", "") for o in outputs)
+    assert html_figures == figures, f"{name}: {figures} figures but only {html_figures} carry HTML"
+    assert_html_has_figures(nb, NOTEBOOKS[name][1], name)
     assert any("notebook ran in" in o.get("text", "") for o in outputs if o.output_type == "stream")
+
+
+@pytest.mark.notebook
+@pytest.mark.filterwarnings("ignore:Your element with mimetype")  # the JSON-only export below, on purpose
+def test_setup_notebook_makes_exported_html_draw_figures(tmp_path, monkeypatch):
+    """Without the model: a two-figure notebook run with setup_notebook() exports HTML that draws both
+    (and without it, plotly's JupyterLab renderer exports none: the bug this guards against)."""
+    missing = _missing(("nbclient", "nbformat", "ipykernel", "nbconvert"))
+    if missing:
+        pytest.skip(f"missing module(s) {', '.join(missing)}")
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.delenv("PLOTLY_RENDERER", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    figs = "import plotly.graph_objects as go\ngo.Figure(go.Bar(x=[1, 2], y=[3, 1])).show()\ngo.Figure(go.Scatter(y=[1, 4])).show()"
+
+    def run(first: str):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(first), nbformat.v4.new_code_cell(figs)]
+        NotebookClient(nb, kernel_name="python3", timeout=120, startup_timeout=120,
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+        return nb
+
+    nb = run("from bias_lens.plot.notebook import setup_notebook\nprint(setup_notebook())")
+    assert nb.cells[0].outputs[0]["text"].strip() == "plotly_mimetype+notebook"
+    shown = [o for o in nb.cells[1].outputs if PLOTLY_MIME in o.get("data", {})]
+    assert len(shown) == 2 and all(GRAPH_DIV in o["data"]["text/html"] for o in shown)  # JupyterLab JSON + HTML
+    assert_html_has_figures(nb, 2, "setup_notebook")
+    from nbconvert import HTMLExporter
+
+    plain, _ = HTMLExporter().from_notebook_node(run("import plotly.io as pio\npio.renderers.default = 'plotly_mimetype'"))
+    assert GRAPH_DIV not in plain  # the JSON-only renderer: an exported notebook shows no figure

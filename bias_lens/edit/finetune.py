@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..progress import bar
 from .edits import Edit, layouts
 from .losses import get_hint_loss, get_loss
 from .masks import ParamMask
@@ -158,6 +159,7 @@ def masked_finetune(
     method: str = "masked_finetune",
     hint: Sequence[dict] | None = None,
     hint_dev: Sequence[dict] | None = None,
+    progress: bool = False,
 ) -> FinetuneResult:
     """Fine-tune only ``mask``'s entries on ``train`` samples (dicts with ``prompt``, ``f_he``, ``f_she``).
 
@@ -166,7 +168,8 @@ def masked_finetune(
     ``loss_fn(p, f)`` overrides ``config.loss``. ``hint`` (GenHintEval samples with ``prompt``,
     ``F``) feeds the anchor when ``config.hint_weight > 0``; ``hint_dev`` the UB guard when
     ``config.ub_tolerance`` is set. The model is unchanged on return; apply ``result.edit`` to
-    keep the change.
+    keep the change. ``progress=True`` shows a bar over the optimisation steps (loss as postfix);
+    it changes no number.
     """
     from .measure import dev_afgb, dev_ub, he_she, retention_perplexity, retention_texts
 
@@ -243,6 +246,9 @@ def masked_finetune(
         bad += 1
         return "early_stopped" if bad >= cfg.patience else None
 
+    n_steps = cfg.epochs * -(-len(train) // cfg.batch_size)
+    pbar = bar(total=min(n_steps, cfg.max_steps) if cfg.max_steps else n_steps, desc="masked fine-tuning",
+               enabled=progress, unit="step")
     try:
         stop = None
         for epoch in range(cfg.epochs):
@@ -266,6 +272,8 @@ def masked_finetune(
                     torch.nn.utils.clip_grad_norm_(list(deltas.values()), cfg.grad_clip)
                 opt.step()
                 history[-1].setdefault("losses", []).append(float(loss.detach()))
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{history[-1]['losses'][-1]:.4g}", refresh=False)
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     stop = check()
                 if stop or (cfg.max_steps and step >= cfg.max_steps):
@@ -279,6 +287,7 @@ def masked_finetune(
         if stop:
             status = stop
     finally:
+        pbar.close()
         for n, p in params.items():
             p.requires_grad_(grad_flags[n])
     state_numel = sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0)

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ..arch import get_submodule, param_ref, parse_head_name, parse_neuron_name
 from ..hooks import record_into
+from ..progress import bar, batch_count
 from ..scoring import check_prompts, iter_batches
 from ..targets import TargetSet, resolve_targets
 from .result import LocateResult
@@ -115,15 +116,16 @@ def base_model(lm) -> nn.Module:
 
 
 @torch.no_grad()
-def collect_last(lm, prompts: Sequence[str], *, batch_size: int = 32) -> LastCache:
-    """One batched forward pass (body only, no unembedding) keeping last-position slices."""
+def collect_last(lm, prompts: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> LastCache:
+    """One batched forward pass (body only, no unembedding) keeping last-position slices (bar if ``progress``)."""
     prompts = check_prompts(prompts)
     L, n = lm.n_layers, len(prompts)
     kinds = ("resid_pre", "resid_mid", "attn.z", "mlp.post")
     points = [f"L{l}.{k}" for l in range(L) for k in kinds] + [f"L{L - 1}.resid_post"]
     out: dict[str, Tensor] = {}
     body = base_model(lm)
-    for b in iter_batches(lm.tokenizer, prompts, batch_size, device=lm.device):
+    batches = iter_batches(lm.tokenizer, prompts, batch_size, device=lm.device)
+    for b in bar(batches, total=batch_count(n, batch_size), desc="attribution pass", enabled=progress, unit="batch"):
         store: dict[str, Tensor] = {}
         with lm.hooks(record_into(store, points, index=b.last)):
             body(**b.model_inputs())
@@ -234,18 +236,19 @@ def _check_opts(norm: str, rank: str) -> None:
 def neuron_attribution(
     lm, prompts: Sequence[str], targets: TargetSet | str = "he,she", *, norm: str = "cached", rank: str = "abs",
     layers: Sequence[int] | None = None, batch_size: int = 32, cache: LastCache | None = None,
-    keep_per_prompt: bool = False,
+    keep_per_prompt: bool = False, progress: bool = False,
 ) -> LocateResult:
     """Bias score ``importance(t1) - importance(t0)`` of every FFN neuron (labels ``L{l}N{k}``).
 
     ``rank``: ``"abs"`` ranks by |mean over prompts of the signed score| (default), ``"mean_abs"``
     by the mean of per-prompt magnitudes, ``"signed"`` by the signed mean (t1-ward first).
-    ``extras["signed"]`` always holds the signed means.
+    ``extras["signed"]`` always holds the signed means. ``progress=True`` shows a bar over the
+    forward-pass batches (the per-neuron scores are closed-form and take no extra pass).
     """
     _check_opts(norm, rank)
     ts = check_pair(lm, targets)
     layers = list(range(lm.n_layers)) if layers is None else _check_layers(lm, layers)
-    cache = cache if cache is not None else collect_last(lm, prompts, batch_size=batch_size)
+    cache = cache if cache is not None else collect_last(lm, prompts, batch_size=batch_size, progress=progress)
     if keep_per_prompt:
         per = torch.cat([neuron_scores(lm, cache, ts, l, norm) for l in layers], 1)
         score, signed = _rank(per, rank)
@@ -263,14 +266,14 @@ def neuron_attribution(
 
 def head_attribution(
     lm, prompts: Sequence[str], targets: TargetSet | str = "he,she", *, norm: str = "cached", rank: str = "abs",
-    o_bias_mode: str = "baseline", batch_size: int = 32, cache: LastCache | None = None,
+    o_bias_mode: str = "baseline", batch_size: int = 32, cache: LastCache | None = None, progress: bool = False,
 ) -> LocateResult:
-    """Bias score of every attention head (labels ``L{l}H{h}``); see the module docstring."""
+    """Bias score of every attention head (labels ``L{l}H{h}``); see the module docstring (bar if ``progress``)."""
     _check_opts(norm, rank)
     if o_bias_mode not in ("baseline", "split"):
         raise ValueError(f"o_bias_mode must be 'baseline' or 'split', got {o_bias_mode!r}")
     ts = check_pair(lm, targets)
-    cache = cache if cache is not None else collect_last(lm, prompts, batch_size=batch_size)
+    cache = cache if cache is not None else collect_last(lm, prompts, batch_size=batch_size, progress=progress)
     per = torch.cat([head_scores(lm, cache, ts, l, norm, o_bias_mode) for l in range(lm.n_layers)], 1)
     score, signed = _rank(per, rank)
     labels = [f"L{l}H{h}" for l in range(lm.n_layers) for h in range(lm.n_heads)]

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..arch import parse_neuron_name
 from ..hooks import Hook, HookInfo
+from ..progress import bar
 from ..scoring import check_prompts, iter_batches
 from ..targets import TargetSet, resolve_targets
 from .attribution import base_model
@@ -69,15 +70,16 @@ def _scales(lm, sets: Sequence[Sequence[tuple[int, int]]], rows: int) -> dict[in
 @torch.no_grad()
 def evaluate_sets(
     lm, sets: Sequence[Sequence[tuple[int, int]]], prompts: Sequence[str], targets: TargetSet,
-    texts: Sequence[str] = RETENTION_TEXTS, *, max_rows: int = 256,
+    texts: Sequence[str] = RETENTION_TEXTS, *, max_rows: int = 256, progress: bool = False,
 ) -> tuple[Float[Tensor, " set"], Float[Tensor, " set"]]:
-    """AFGB and retention perplexity with each neuron set masked (R sets per forward pass)."""
+    """AFGB and retention perplexity with each neuron set masked (R sets per forward pass; bar if ``progress``)."""
     tid = torch.as_tensor(targets.first_ids)
     afgb = torch.zeros(len(sets), dtype=torch.float64)
     nll = torch.zeros(len(sets), dtype=torch.float64)
     n_tok = 0
     per = max(1, max_rows // max(1, min(len(prompts), max_rows)))
-    for c0 in range(0, len(sets), per):
+    starts = range(0, len(sets), per)
+    for c0 in bar(starts, total=len(starts), desc="causal masking", enabled=progress, unit="chunk"):
         chunk = sets[c0 : c0 + per]
         R = len(chunk)
         for b in iter_batches(lm.tokenizer, prompts, max_rows, device=lm.device):
@@ -126,13 +128,14 @@ def _parse(labels: Sequence[str], lm) -> list[tuple[int, int]]:
 def causal_selection(
     lm, candidates: Sequence[str], prompts: Sequence[str], targets: TargetSet | str = "he,she", *,
     k: int = 50, max_ppl_increase: float = 0.05, mode: str = "independent",
-    texts: Sequence[str] = RETENTION_TEXTS, max_rows: int = 256,
+    texts: Sequence[str] = RETENTION_TEXTS, max_rows: int = 256, progress: bool = False,
 ) -> LocateResult:
     """Select up to ``k`` candidate neurons whose masking lowers AFGB with retention in bounds.
 
     Independent mode: labels = candidates, scores = change in AFGB (ascending: most bias-reducing
     first), ``extras["selected"]`` = the chosen top ``k``. Greedy mode: labels = the chosen
     neurons in order, scores = each step's AFGB reduction, ``extras["afgb"]`` the cumulative AFGB.
+    ``progress=True`` shows a bar over candidate chunks (independent) or greedy steps (up to ``k``).
     """
     if mode not in ("independent", "greedy"):
         raise ValueError(f"mode must be 'independent' or 'greedy', got {mode!r}")
@@ -149,7 +152,7 @@ def causal_selection(
     base = {"afgb_base": float(a0[0]), "ppl_base": float(p0[0]), "max_ppl_increase": max_ppl_increase, "k": k}
     limit = float(p0[0]) * (1 + max_ppl_increase)
     if mode == "independent":
-        a, p = evaluate_sets(lm, [[c] for c in cands], prompts, ts, texts, max_rows=max_rows)
+        a, p = evaluate_sets(lm, [[c] for c in cands], prompts, ts, texts, max_rows=max_rows, progress=progress)
         delta = a - a0[0]
         ok = [i for i in torch.argsort(delta, stable=True).tolist() if delta[i] < 0 and p[i] <= limit]
         sel = [candidates[i] for i in ok[:k]]
@@ -160,6 +163,7 @@ def causal_selection(
         )
     chosen: list[int] = []
     cur, scores, ppls, afgbs = float(a0[0]), [], [], []
+    steps = bar(total=k, desc="greedy causal selection", enabled=progress, unit="neuron")
     while len(chosen) < k:
         rest = [i for i in range(len(cands)) if i not in chosen]
         if not rest:
@@ -174,6 +178,8 @@ def causal_selection(
         afgbs.append(cur)
         ppls.append(float(p[best[0]]))
         log.info("greedy step %d: %s AFGB=%.5f ppl=%.3f", len(chosen), candidates[chosen[-1]], cur, ppls[-1])
+        steps.update(1)
+    steps.close()
     labels = [candidates[i] for i in chosen]
     return LocateResult(
         "causal", labels, torch.tensor(scores, dtype=torch.float64), variant=f"greedy,afgb,ppl<=+{max_ppl_increase:g}",

@@ -49,6 +49,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ..arch import ParamRef, get_submodule, param_ref
+from ..progress import bar, batch_count
 from ..scoring import Batch, check_prompts, iter_batches, pad_right
 from ..targets import TargetSet, resolve_targets
 from .attribution import base_model
@@ -232,11 +233,12 @@ def _check_opts(order: str, keep: float, batch_size: int) -> None:
 def row_scale(
     lm, prompts: Sequence[str] | None, module: str = "L29.mlp.down", targets: TargetSet | str = "he,she", *,
     order: str = "descending", pair_texts: Sequence[tuple[str, str]] | None = None, keep: float = 0.5,
-    batch_size: int = 32,
+    batch_size: int = 32, progress: bool = False,
 ) -> LocateResult:
     """Row cosines ``cos(Grad_t0[r], Grad_t1[r])`` of ``module``'s weight (labels ``{module}/row{r}``).
 
     Pass ``prompts`` (targets at the last token) or ``pair_texts`` (``prompts=None``), not both.
+    ``progress=True`` shows a bar over the forward/backward batches.
     """
     _check_opts(order, keep, batch_size)
     ref = param_ref(lm.hf, module)
@@ -252,7 +254,7 @@ def row_scale(
         steps = grad_steps(lm, ref, _prompt_batches(lm, prompts, tid, batch_size))
         words, variant, n = list(ts.words), "prompt-targets", len(prompts)
     g0 = g1 = None
-    for s in steps:
+    for s in bar(steps, total=batch_count(n, batch_size), desc=f"row gradients {module}", enabled=progress, unit="batch"):
         g0 = s.g0 if g0 is None else g0 + s.g0
         g1 = s.g1 if g1 is None else g1 + s.g1
     return _row_result(lm, module, ref, g0, g1, n, order, keep, variant, words, tid)
@@ -284,14 +286,14 @@ def _selected_rows(rows, module: str, n_out: int) -> list[int]:
 def neuron_scale(
     lm, prompts: Sequence[str], module: str = "L29.mlp.down", targets: TargetSet | str = "he,she", *,
     rows: Sequence[int] | LocateResult | None = None, order: str = "descending", keep: float = 0.5,
-    batch_size: int = 32,
+    batch_size: int = 32, progress: bool = False,
 ) -> LocateResult:
     """Entry set of Eq. 5 (labels ``{module}/row{r}/col{c}``, scores = number of prompts choosing it).
 
     ``rows=None`` selects rows with :func:`row_scale` (``order``, ``keep``) from the *same* forward
     and backward passes: per-batch output-gradient differences and module inputs are kept (memory
     ``prompts x pos x (out + in)`` floats) until the rows are known. The row result is in
-    ``extras["row_result"]``.
+    ``extras["row_result"]``. ``progress=True`` shows a bar over the forward/backward batches.
     """
     _check_opts(order, keep, batch_size)
     prompts = check_prompts(prompts)
@@ -313,7 +315,8 @@ def neuron_scale(
         cols[s.rows], vals[s.rows] = c, v
 
     batches = _prompt_batches(lm, prompts, tid, batch_size)
-    for s in grad_steps(lm, ref, batches, weights=sel is None, factors=True):
+    steps = grad_steps(lm, ref, batches, weights=sel is None, factors=True)
+    for s in bar(steps, total=batch_count(P, batch_size), desc=f"entry gradients {module}", enabled=progress, unit="batch"):
         if sel is not None:
             consume(s, sel)
             continue

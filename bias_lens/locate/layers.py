@@ -40,6 +40,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..arch import tl_hook_name
+from ..progress import bar, batch_count
 from ..scoring import Batch, check_prompts, iter_batches
 from ..targets import TargetSet, resolve_targets
 from .attribution import base_model, norm_parts
@@ -119,15 +120,21 @@ _RUNNERS = {"hf": _run_hf, "tl": _run_tl, "nnsight": _run_nnsight}
 
 @torch.no_grad()
 def residual_pass(
-    lm, prompts: Sequence[str], *, lens: str = "hf", batch_size: int = 32, bmi: bool = False
+    lm, prompts: Sequence[str], *, lens: str = "hf", batch_size: int = 32, bmi: bool = False,
+    progress: bool = False,
 ) -> ResidualPass:
-    """One batched forward pass keeping H^(0..L) at the last real token and, if ``bmi``, per-prompt BMI."""
+    """One batched forward pass keeping H^(0..L) at the last real token and, if ``bmi``, per-prompt BMI.
+
+    ``progress=True`` shows a bar over the batches (:func:`bias_lens.progress.bar`).
+    """
     _check_lens(lens)
     prompts = check_prompts(prompts)
     L, n = lm.n_layers, len(prompts)
     last = torch.empty(L + 1, n, lm.d_model, dtype=lm.embed.weight.dtype)
     per = torch.zeros(n, L, dtype=torch.float64) if bmi else None
-    for b in iter_batches(lm.tokenizer, prompts, batch_size, device=lm.device):
+    batches = iter_batches(lm.tokenizer, prompts, batch_size, device=lm.device)
+    desc = "residual pass + BMI" if bmi else "residual pass"
+    for b in bar(batches, total=batch_count(n, batch_size), desc=desc, enabled=progress, unit="batch"):
         rows = torch.as_tensor(b.rows)
         mask = b.attention_mask.bool()
         n_real = mask.sum(1).double()
@@ -239,6 +246,7 @@ def layer_scale(
     norm: str = "recompute",
     lens: str = "hf",
     batch_size: int = 32,
+    progress: bool = False,
 ) -> LocateResult:
     """MSME Eq. 2 layer importance ``I(L_i) = sum_t |p^(i+1)[t] - p^(i)[t]|`` (see module docstring).
 
@@ -251,7 +259,7 @@ def layer_scale(
         raise ValueError(f"norm must be one of {', '.join(NORM_MODES)}; got {norm!r}")
     _check_lens(lens)
     ts = single_token_targets(lm, targets, "layer_scale")
-    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=False)
+    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=False, progress=progress)
     return _layer_result(lm, rp, ts, norm, lens, batch_size)
 
 
@@ -268,14 +276,14 @@ def _bmi_result(lm, per: Tensor, lens: str, variant: str = "1-cos, mean over rea
     )
 
 
-def bmi(lm, prompts: Sequence[str], *, lens: str = "hf", batch_size: int = 32) -> LocateResult:
+def bmi(lm, prompts: Sequence[str], *, lens: str = "hf", batch_size: int = 32, progress: bool = False) -> LocateResult:
     """LFTF Eq. 4 block modification intensity ``1 - cos(H^(i)_l, H^(i+1)_l)`` per block.
 
     Mean over each prompt's real (non-padding) positions, then over prompts; cosines are taken
     in float64 inside the hooks, so no residual stack is stored.
     """
     _check_lens(lens)
-    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=True)
+    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=True, progress=progress)
     assert rp.bmi is not None
     return _bmi_result(lm, rp.bmi, lens)
 
@@ -288,13 +296,14 @@ def layer_scale_and_bmi(
     norm: str = "recompute",
     lens: str = "hf",
     batch_size: int = 32,
+    progress: bool = False,
 ) -> tuple[LocateResult, LocateResult]:
     """Both results from ONE forward pass (same numbers as calling each function separately)."""
     if norm not in NORM_MODES:
         raise ValueError(f"norm must be one of {', '.join(NORM_MODES)}; got {norm!r}")
     _check_lens(lens)
     ts = single_token_targets(lm, targets, "layer_scale")
-    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=True)
+    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=True, progress=progress)
     assert rp.bmi is not None
     return _layer_result(lm, rp, ts, norm, lens, batch_size), _bmi_result(lm, rp.bmi, lens)
 
@@ -315,6 +324,7 @@ def bmi_robustness(
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     n: int = 100,
     batch_size: int = 32,
+    progress: bool = False,
 ) -> LocateResult:
     """LFTF appendix A.1: BMI on ``len(seeds)`` subsamples of ``n`` prompts drawn from ``pool``.
 
@@ -333,7 +343,7 @@ def bmi_robustness(
     draws = [random.Random(s).sample(range(len(pool)), n) for s in seeds]
     uniq = sorted({i for d in draws for i in d})
     pos = {i: k for k, i in enumerate(uniq)}
-    rp = residual_pass(lm, [pool[i] for i in uniq], batch_size=batch_size, bmi=True)
+    rp = residual_pass(lm, [pool[i] for i in uniq], batch_size=batch_size, bmi=True, progress=progress)
     assert rp.bmi is not None
     per_seed = torch.stack([rp.bmi[[pos[i] for i in d]].mean(0) for d in draws])  # [seed, layer]
     scores = per_seed.mean(0)

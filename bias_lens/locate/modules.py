@@ -35,6 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..arch import param_ref
+from ..progress import bar, batch_count
 from ..scoring import Batch, check_prompts, iter_batches
 from ..targets import TargetSet
 from .attribution import base_model
@@ -153,6 +154,7 @@ def module_scale(
     modules: Sequence[str] | None = None,
     batch_size: int = 32,
     final: bool = True,
+    progress: bool = False,
 ) -> LocateResult:
     """MSME Eq. 3 zero-ablation importance of every (layer, module) pair; see the module docstring.
 
@@ -160,7 +162,8 @@ def module_scale(
     ``final_effect`` (mean score on the final output, aligned with labels; only with
     ``final=True``), ``matrix`` ``[layer, module]`` of block scores (and ``matrix_final``),
     ``layers``, ``module_names``, ``targets``. ``final=False`` skips blocks i+1..L-1 (the scan
-    then costs about one body pass per module kind).
+    then costs about one body pass per module kind). ``progress=True`` shows a bar over
+    (batch, module) ablations.
     """
     prompts = check_prompts(prompts)
     ts = single_token_targets(lm, targets, "module_scale")
@@ -172,6 +175,7 @@ def module_scale(
     n, L = len(prompts), lm.n_layers
     per = torch.empty(n, len(pairs), dtype=torch.float64)
     per_final = torch.empty(n, len(pairs), dtype=torch.float64) if final else None
+    pbar = bar(total=batch_count(n, batch_size) * len(pairs), desc="module scan", enabled=progress, unit="ablation")
     for b in iter_batches(lm.tokenizer, prompts, batch_size, device=lm.device):
         pre = capture_prefix(lm, b)
         base = lens_probs(lm, torch.stack([_last(h, b.last) for h in pre.hidden]), tid)  # [L+1, batch, t]
@@ -183,7 +187,9 @@ def module_scale(
                     for j in range(i + 1, L):
                         h = run_block(lm, pre, j, h)
                     per_final[b.rows, k] = (lens_probs(lm, _last(h, b.last), tid) - base[L]).abs().sum(-1)
+            pbar.update(1)
         del pre
+    pbar.close()
     scores = per.mean(0)
     grid = lambda s: s.view(len(layers), len(modules)).tolist()  # noqa: E731
     extras: dict[str, Any] = {

@@ -1,9 +1,12 @@
-"""Figures of the main job (plotly; analysis code never imports plotly, this module only draws)."""
+"""Figures of the main job: which plot function draws each result, and writing them all.
+
+The figure builders live in :mod:`bias_lens.plot` (edit-stage ones in :mod:`bias_lens.plot.edits`);
+this module only picks and writes them (plot modules are imported lazily).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -45,36 +48,17 @@ def locate_figures(results: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def profession_bars(before: list[dict], after: list[dict], label: str, k: int = 20):
-    """Per-profession mean p(he) - p(she) before vs after, for the ``k`` largest |change|."""
-    import plotly.graph_objects as go
+    """Per-profession gap and pronoun mass before vs after (:func:`bias_lens.plot.edits.profession_before_after`)."""
+    from ..plot.edits import profession_before_after
 
-    def per_prof(rows: list[dict]) -> dict[str, float]:
-        acc: dict[str, list[float]] = defaultdict(list)
-        for r in rows:
-            acc[r["profession"]].append(r["p_he"] - r["p_she"])
-        return {p: sum(v) / len(v) for p, v in acc.items()}
-
-    b, a = per_prof(before), per_prof(after)
-    common = sorted(set(b) & set(a), key=lambda p: -abs(a[p] - b[p]))[:k]
-    fig = go.Figure([go.Bar(name="original", x=common, y=[b[p] for p in common]),
-                     go.Bar(name=label, x=common, y=[a[p] for p in common])])
-    fig.update_layout(barmode="group", title=f"p(he) - p(she) per profession, before vs after '{label}' "
-                      f"(GenBiasEval test, {k} largest changes)", yaxis_title="mean p(he) - p(she)")
-    return fig
+    return profession_before_after(before, after, label, k)
 
 
 def table_figure(org: dict[str, float], rows: list[dict[str, Any]]):
-    """AFGB vs perplexity of every edit row (the trade-off at a glance)."""
-    import plotly.graph_objects as go
+    """Bias vs retention of every edit row (:func:`bias_lens.plot.edits.edits_tradeoff`)."""
+    from ..plot.edits import edits_tradeoff
 
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[org["perplexity"]], y=[org["afgb"]], mode="markers+text", text=["Org"],
-                             textposition="top center", marker=dict(size=12, symbol="star")))
-    fig.add_trace(go.Scatter(x=[r["metrics"]["perplexity"] for r in rows], y=[r["metrics"]["afgb"] for r in rows],
-                             mode="markers+text", text=[r["row"]["name"] for r in rows], textposition="top center"))
-    fig.update_layout(title="Bias (AFGB, GenBiasEval test) vs retention perplexity per edit", showlegend=False,
-                      xaxis_title="retention perplexity", yaxis_title="AFGB")
-    return fig
+    return edits_tradeoff(org, rows)
 
 
 def write_all(figs: list[tuple[str, Any]], folder: Path, png: bool = True) -> dict[str, list[str]]:

@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 import torch
 
 from ..locate.result import LocateResult
+from .layout import titled
 
 _NEURON = re.compile(r"^L(\d+)N(\d+)$")
 _HEAD = re.compile(r"^L(\d+)H(\d+)$")
@@ -36,8 +37,9 @@ def neuron_heatmap(result: LocateResult, *, n_bins: int = 64, signed: bool = Fal
         colorscale="RdBu" if signed else "Viridis", zmid=0 if signed else None,
         colorbar={"title": "signed score" if signed else "score"},
     ))
-    fig.update_layout(title=title or f"Neuron attribution ({result.variant})", xaxis_title=f"neuron bin (width {width})", yaxis_title="layer")
-    return fig
+    fig.update_layout(xaxis_title=f"neuron bin (width {width})", yaxis_title="layer")
+    sub = f"{result.variant}; cell = {'signed score' if signed else 'score'} of the largest |score| in its bin"
+    return titled(fig, title or "Neuron attribution per layer", sub)
 
 
 def head_heatmap(result: LocateResult, *, signed: bool = True, title: str | None = None) -> go.Figure:
@@ -55,5 +57,6 @@ def head_heatmap(result: LocateResult, *, signed: bool = True, title: str | None
         z=grid.tolist(), x=[f"H{h}" for h in range(H)], y=[f"L{l}" for l in range(L)],
         colorscale="RdBu" if signed else "Viridis", zmid=0 if signed else None,
     ))
-    fig.update_layout(title=title or f"Head attribution ({result.variant})", xaxis_title="head", yaxis_title="layer")
-    return fig
+    fig.update_layout(xaxis_title="head", yaxis_title="layer")
+    sub = result.variant + ("; > 0 pushes towards the second target" if signed else "")
+    return titled(fig, title or "Attention-head attribution", sub)

@@ -7,11 +7,14 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from .layout import labelled_points, titled
+
 
 def circuit_figure(graph: Any, *, title: str | None = None) -> go.Figure:
     """Nodes placed by layer (``embed``/``bias`` at the left), edges coloured by sign, width by |weight|.
 
-    ``graph`` is a :class:`bias_lens.locate.circuit.CircuitGraph` or its ``to_dict()``.
+    ``graph`` is a :class:`bias_lens.locate.circuit.CircuitGraph` or its ``to_dict()``. Node
+    labels are annotations placed by :func:`.layout.labelled_points`, so they never overlap.
     """
     data = graph.to_dict() if hasattr(graph, "to_dict") else dict(graph)
     cols: dict[int, list[str]] = defaultdict(list)
@@ -32,15 +35,19 @@ def circuit_figure(graph: Any, *, title: str | None = None) -> go.Figure:
         ))
     kinds = {"neuron": "circle", "head": "diamond", "embed": "square", "bias": "x"}
     nodes = data["nodes"]
+    xs = [pos[n["label"]][0] for n in nodes]
+    ys = [pos[n["label"]][1] for n in nodes]
     fig.add_trace(go.Scatter(
-        x=[pos[n["label"]][0] for n in nodes], y=[pos[n["label"]][1] for n in nodes], mode="markers+text",
-        text=[n["label"] for n in nodes], textposition="top center", showlegend=False,
+        x=xs, y=ys, mode="markers", showlegend=False, hoverinfo="text", text=[n["label"] for n in nodes],
         marker={"size": [18 if n["label"] == data["root"] else 11 for n in nodes],
                 "symbol": [kinds.get(n["kind"], "circle") for n in nodes], "color": "#333"},
         hovertext=[f"{n['label']} ({n['kind']})" + (f" input={n['value']:.4g}" if "value" in n else "") for n in nodes],
     ))
-    fig.update_layout(
-        title=title or f"Circuit into {data['root']} (red: raises input, blue: lowers)",
-        xaxis={"title": "layer (-1 = embedding / biases)", "dtick": 1}, yaxis={"visible": False}, plot_bgcolor="white",
-    )
+    fig.update_layout(xaxis={"title": "layer (-1 = embedding / biases)", "dtick": 1, "showgrid": False},
+                      yaxis={"visible": False}, plot_bgcolor="white")
+    titled(fig, title or f"Circuit into {data['root']}",
+           "edge colour: red raises the target's input, blue lowers it; width: |weight|; hover for values")
+    span_y = max(1.0, max(ys) - min(ys))
+    labelled_points(fig, xs, ys, [n["label"] for n in nodes], (min(xs) - 0.7, max(xs) + 0.7),
+                    (min(ys) - 0.25 * span_y, max(ys) + 0.25 * span_y))
     return fig

@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 import torch
 
 from ..locate.result import LocateResult
+from .layout import titled
 
 _ROW = re.compile(r"^(.+)/row(\d+)$")
 _ENTRY = re.compile(r"^(.+)/row(\d+)/col(\d+)$")
@@ -27,12 +28,10 @@ def row_cosine_histogram(result: LocateResult, *, n_bins: int = 60, title: str |
     fig.add_trace(go.Histogram(x=cos[~sel].tolist(), xbins=bins, name=f"other rows ({int((~sel).sum())})", marker_color="#9aa5b1"))
     fig.add_trace(go.Histogram(x=cos[sel].tolist(), xbins=bins, name=f"selected rows ({int(sel.sum())})", marker_color="#d1495b"))
     module = result.extras.get("module", _ROW.match(result.labels[0]).group(1))
-    fig.update_layout(
-        barmode="overlay", title=title or f"Row cosines cos(grad he, grad she) of {module} ({result.variant})",
-        xaxis_title="cosine of the two target gradients (row)", yaxis_title="rows",
-    )
+    fig.update_layout(barmode="overlay", xaxis_title="cosine of the two target gradients (row)", yaxis_title="rows",
+                      legend={"orientation": "h", "x": 0, "y": 1.0, "yanchor": "bottom"})
     fig.update_traces(opacity=0.8)
-    return fig
+    return titled(fig, title or f"Row cosines cos(grad he, grad she) of {module} (MSME Eq. 4)", result.variant)
 
 
 def row_cosine_strip(result: LocateResult, *, title: str | None = None) -> go.Figure:
@@ -43,8 +42,8 @@ def row_cosine_strip(result: LocateResult, *, title: str | None = None) -> go.Fi
     sel = set(result.extras.get("selected_rows", []))
     colour = ["#d1495b" if r in sel else "#9aa5b1" for r in rows]
     fig = go.Figure(go.Scattergl(x=rows, y=result.scores.tolist(), mode="markers", marker={"color": colour, "size": 4}))
-    fig.update_layout(title=title or "Row cosine by row index (red: selected)", xaxis_title="row", yaxis_title="cosine")
-    return fig
+    fig.update_layout(xaxis_title="row", yaxis_title="cosine")
+    return titled(fig, title or "Row cosine by row index", f"{result.variant}; red: selected rows")
 
 
 def entry_heatmap(result: LocateResult, *, value: str = "count", max_cols: int = 256, title: str | None = None) -> go.Figure:
@@ -75,8 +74,7 @@ def entry_heatmap(result: LocateResult, *, value: str = "count", max_cols: int =
     fig = go.Figure(go.Heatmap(z=grid.tolist(), x=x, y=[f"row{r}" for r in rows], colorscale="Viridis",
                                colorbar={"title": "prompts" if value == "count" else f"{value} |g_he-g_she|"}))
     n = result.extras.get("n_entries", len(result.labels))
-    fig.update_layout(
-        title=title or f"{result.extras.get('module', '')} entries chosen per prompt ({n} entries, {len(rows)} rows)",
-        xaxis_title="column" + (f" bin (width {width})" if width > 1 else ""), yaxis_title="selected row",
-    )
-    return fig
+    fig.update_layout(xaxis_title="column" + (f" bin (width {width})" if width > 1 else ""), yaxis_title="selected row")
+    module = result.extras.get("module", parsed[0].group(1))
+    return titled(fig, title or f"Weight entries of {module} chosen per prompt (MSME Eq. 5)",
+                  f"{n} entries in {len(rows)} rows; cell = {value}; {result.variant}")

@@ -1,7 +1,8 @@
 """Plotly figures for layer-scale, BMI and module-scale results (MSME Figs. 3-4, LFTF Fig. 2).
 
 Each function takes a :class:`~bias_lens.locate.result.LocateResult` and returns a ``go.Figure``
-whose title names the method variant; nothing is shown or written here (see :mod:`.io`).
+whose title names the method and whose subtitle names the variant, model and sample count
+(wrapped to the canvas by :func:`.layout.titled`); nothing is shown or written here (see :mod:`.io`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from ..locate.result import LocateResult
+from .layout import titled
 
 
 def _need(result: LocateResult, method: str) -> None:
@@ -18,8 +20,10 @@ def _need(result: LocateResult, method: str) -> None:
         raise ValueError(f"expected a {method!r} result, got {result.method!r}")
 
 
-def _who(result: LocateResult) -> str:
-    return f"{result.model}, n={result.n_samples}" if result.model else f"n={result.n_samples}"
+def _who(result: LocateResult, note: str = "") -> str:
+    """Subtitle: variant; model, n (and an optional note)."""
+    who = f"{result.model}, n={result.n_samples}" if result.model else f"n={result.n_samples}"
+    return f"{result.variant}; {who}{note}"
 
 
 def layer_prompt_heatmap(result: LocateResult, *, title: str | None = None) -> go.Figure:
@@ -30,9 +34,8 @@ def layer_prompt_heatmap(result: LocateResult, *, title: str | None = None) -> g
     z = result.per_prompt.double()
     fig = go.Figure(go.Heatmap(z=z.tolist(), x=result.labels, y=list(range(z.shape[0])), colorscale="Viridis",
                                colorbar={"title": "I(L_i)"}))
-    fig.update_layout(title=title or f"Layer importance per prompt ({result.variant}; {_who(result)})",
-                      xaxis_title="layer", yaxis_title="prompt")
-    return fig
+    fig.update_layout(xaxis_title="layer", yaxis_title="prompt")
+    return titled(fig, title or "Layer importance per prompt (MSME Eq. 2)", _who(result))
 
 
 def argmax_histogram(result: LocateResult, *, title: str | None = None) -> go.Figure:
@@ -42,9 +45,8 @@ def argmax_histogram(result: LocateResult, *, title: str | None = None) -> go.Fi
     if counts is None:
         raise ValueError("this layer result has no per_sample_argmax extra")
     fig = go.Figure(go.Bar(x=result.labels, y=list(counts)))
-    fig.update_layout(title=title or f"Argmax layer per prompt ({result.variant}; {_who(result)})",
-                      xaxis_title="layer", yaxis_title="prompts")
-    return fig
+    fig.update_layout(xaxis_title="layer", yaxis_title="prompts")
+    return titled(fig, title or "Most important layer per prompt (MSME Eq. 2 argmax)", _who(result))
 
 
 def layer_figure(result: LocateResult, *, title: str | None = None) -> go.Figure:
@@ -57,9 +59,8 @@ def layer_figure(result: LocateResult, *, title: str | None = None) -> go.Figure
     fig.add_trace(hm, row=1, col=1)
     fig.add_trace(go.Bar(x=result.labels, y=result.scores.tolist(), name="mean"), row=2, col=1)
     fig.add_trace(go.Bar(x=result.labels, y=list(result.extras.get("per_sample_argmax", [])), name="argmax"), row=2, col=2)
-    fig.update_layout(title=title or f"Layer scale, MSME Eq. 2 ({result.variant}; {_who(result)})",
-                      showlegend=False, height=750)
-    return fig
+    fig.update_layout(showlegend=False)
+    return titled(fig, title or "Layer scale (MSME Eq. 2)", _who(result), height=780)
 
 
 def bmi_figure(result: LocateResult, robustness: LocateResult | None = None, *, title: str | None = None) -> go.Figure:
@@ -73,9 +74,8 @@ def bmi_figure(result: LocateResult, robustness: LocateResult | None = None, *, 
         err = {"type": "data", "array": list(rob.extras["std"]), "visible": True}
     fig = go.Figure(go.Bar(x=result.labels, y=result.scores.tolist(), error_y=err, name="BMI"))
     note = f"; error bars: std over {len(rob.extras['seeds'])} seeds x {rob.extras['n']}" if rob is not None else ""
-    fig.update_layout(title=title or f"Block modification intensity ({result.variant}; {_who(result)}{note})",
-                      xaxis_title="block", yaxis_title="BMI = 1 - cos(H_i, H_i+1)")
-    return fig
+    fig.update_layout(xaxis_title="block", yaxis_title="BMI = 1 - cos(H_i, H_i+1)")
+    return titled(fig, title or "Block modification intensity (LFTF Eq. 4)", _who(result, note))
 
 
 def module_heatmap(result: LocateResult, *, final: bool = False, title: str | None = None) -> go.Figure:
@@ -89,6 +89,6 @@ def module_heatmap(result: LocateResult, *, final: bool = False, title: str | No
                                y=[f"L{i}" for i in result.extras["layers"]], colorscale="Viridis",
                                colorbar={"title": "I(M)"}))
     where = "final output" if final else "block output"
-    fig.update_layout(title=title or f"Module importance at the {where} ({result.variant}; {_who(result)})",
-                      xaxis_title="module", yaxis_title="layer", height=max(400, 18 * z.shape[0] + 150))
-    return fig
+    fig.update_layout(xaxis_title="module", yaxis_title="layer")
+    return titled(fig, title or f"Module importance at the {where} (MSME Eq. 3)", _who(result),
+                  height=max(420, 18 * z.shape[0] + 190))
