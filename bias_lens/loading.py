@@ -11,11 +11,11 @@ never used.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,20 +58,45 @@ def embedded_gguf_path() -> Path:
 
 def embedded_checkpoint() -> Path:
     """The dense safetensors folder of the embedded model, converting the GGUF once if needed."""
-    target = cache_root() / f"{EMBEDDED_NAME}-{_CACHE_VERSION}"
+    return _converted(embedded_gguf_path(), cache_root() / f"{EMBEDDED_NAME}-{_CACHE_VERSION}")
+
+
+def gguf_checkpoint(gguf: Path) -> Path:
+    """The dense safetensors folder of a GGUF file given as ``--model``, converted once and cached.
+
+    The embedded model's GGUF maps to its usual cache; any other file gets a cache folder keyed by
+    its absolute path, size and modification time (so a replaced file is converted again).
+    """
+    gguf = gguf.resolve()
+    with contextlib.suppress(ModelLoadError):
+        if gguf == embedded_gguf_path().resolve():
+            return embedded_checkpoint()
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return _converted(gguf, cache_root() / f"gguf-{gguf.stem}-{key}-{_CACHE_VERSION}")
+
+
+def _converted(gguf: Path, target: Path) -> Path:
+    """De-quantise ``gguf`` through transformers into the safetensors folder ``target`` (once)."""
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf = embedded_gguf_path()
     log.info("converting %s to a safetensors cache at %s (once, ~20 s)", gguf.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    from .io import make_temp_dir
+
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:  # transformers' GGUF reader raises many types on a bad or unsupported file
+        raise ModelLoadError(
+            f"could not read GGUF file {gguf}: {_first_line(err)}; pass a Hugging Face checkpoint folder instead"
+        ) from err
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = make_temp_dir(target.parent, f".{target.name}.")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -85,12 +110,23 @@ def embedded_checkpoint() -> Path:
     return target
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
+
+
 def resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, bool]:
     """Turn a user's model spec into ``(path_or_id, is_local)`` or raise :class:`ModelLoadError`."""
     text = str(spec)
     if text in EMBEDDED_ALIASES:
         return str(embedded_checkpoint()), True
     path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return str(gguf_checkpoint(path)), True
+        raise ModelLoadError(
+            f"--model {text} is a file, not a checkpoint folder; pass the folder that holds it: --model {path.parent}"
+        )
     if path.is_dir():
         missing = [f for f in ("config.json",) if not (path / f).is_file()]
         if not any(path.glob("*.safetensors")):
@@ -100,10 +136,30 @@ def resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, bool]:
                 f"{path} is not a Hugging Face checkpoint folder: missing {', '.join(missing)}. "
                 "Point --model at a folder written by save_pretrained(safe_serialization=True)."
             )
+        _check_safetensors(path)
         return str(path), True
     if text.startswith((".", "/", "~")) or os.sep in text and text.count("/") > 1:
         raise ModelLoadError(f"model folder {text!r} does not exist; pass an existing local checkpoint folder")
     return text, False
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Read each safetensors header now, so a truncated or damaged file is one clear error.
+
+    Only the header is parsed (it also checks that the file is as long as the header says); a
+    ``pytorch_model.bin`` beside it is never used, since only safetensors are loaded.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(
+                f"{f} is damaged or truncated ({_first_line(err)}); re-export or re-download it "
+                "(only *.safetensors weights are loaded, never .bin)"
+            ) from err
 
 
 def _check_hub_cache(repo_id: str) -> None:
@@ -154,7 +210,7 @@ def load_hf(
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as err:
-            raise ModelLoadError(f"could not load {spec!r}: {str(err).splitlines()[0]}") from err
+            raise ModelLoadError(f"could not load {spec!r}: {_first_line(err)}") from err
     if device is not None and device_map is None:
         model.to(device)
     model.eval()

@@ -3,6 +3,11 @@
 Each subcommand lives in its own module exposing ``register(subparsers)``; the router adds them
 in :data:`COMMANDS` order. Errors a user can fix (unknown model, empty prompt, a target not in the
 vocabulary, a bad option) exit with status 2 and one line on stderr.
+
+Startup is lazy: importing this package imports neither torch nor transformers, and
+:func:`main` fully registers only the command named on the command line (some commands' options
+need the library, e.g. ``evaluate`` lists the benchmark suites); the others are listed by the
+summary in their module docstring. So ``bias-lens --help`` and ``--version`` answer at once.
 """
 
 from __future__ import annotations
@@ -20,16 +25,41 @@ class UsageError(Exception):
     """A user-fixable problem; printed as one line, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``bias-lens`` parser; with ``argv``, only the command it names is fully registered.
+
+    ``argv=None`` registers every command (for introspection). With ``argv`` naming no command
+    (``--help``, ``--version``, a typo) each command is listed by its docstring summary only.
+    """
+    from .. import __version__
+
     parser = argparse.ArgumentParser(
         prog="bias-lens",
         description="Locate social bias inside language models, edit exactly those weights, export checkpoints.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level on stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = None if argv is None else _command_of(argv)
     for name in COMMANDS:
-        importlib.import_module(f"bias_lens.cli.{name.replace('-', '_')}").register(sub)
+        module = importlib.import_module(f"bias_lens.cli.{name.replace('-', '_')}")
+        if argv is None or name == chosen:
+            module.register(sub)
+        elif chosen is None:
+            sub.add_parser(name, help=_summary(module.__doc__))
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command named in ``argv``: its first non-option word (top-level options take no value)."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
+def _summary(doc: str | None) -> str:
+    """``"``bias-lens edit``: locate, edit ... export.\n..."`` -> ``"locate, edit ... export"``."""
+    first = (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
+    return first.split("``: ", 1)[-1].rstrip(".")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -40,7 +70,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -2,8 +2,12 @@
 
 Prompts: ``--n-samples`` prompts of ``--suite``/``--split`` drawn with ``--seed`` (default 200 of
 GenBiasEval train), or ``--prompts-file`` (one raw prompt per line). Everything the user can get
-wrong is checked before the model is loaded; nothing is written unless the whole run succeeds
-(``--out DIR`` gets ``result.json`` and the method's figures, each written atomically).
+wrong is checked before the model is loaded; nothing is written unless the whole run succeeds.
+``--out DIR`` gets ``result.json`` and the method's figures: the folder must be new or empty
+(``--force`` replaces it), is built in a temporary sibling and renamed into place
+(:func:`bias_lens.io.replace_dir`), so it never mixes an old run's files with a new one's; the
+folder written is reported on stderr. ``--plotlyjs`` says how the HTML figures get plotly.js
+(default ``directory``: one shared ``plotly.min.js`` beside them, works offline).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,7 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--targets", default="he,she", help="comma-separated target words, male first (default he,she)")
     p.add_argument("--module", default="L29.mlp.down", help="module for row/neuron (default L29.mlp.down)")
     p.add_argument("--top", type=int, default=20, help="rows of the printed table (default 20)")
-    p.add_argument("--out", default=None, metavar="DIR", help="write result.json and figures (html; png with a Chrome) here")
+    p.add_argument("--out", default=None, metavar="DIR", help="write result.json and figures (html; png with a Chrome) "
+                   "into this new or empty folder")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--plotlyjs", choices=("directory", "cdn", "inline"), default="directory",
+                   help="HTML figures: one shared plotly.min.js beside them (directory, default, offline), "
+                   "loaded from the plotly CDN (cdn), or embedded in each file (inline, 4.8 MB each)")
     p.add_argument("--lens", choices=("hf", "tl", "nnsight"), default="hf", help="layer/bmi: which view runs the pass")
     p.add_argument("--norm", choices=("recompute", "cached"), default=None, help="final-norm mode (layer, attribution)")
     p.add_argument("--layers", default=None, help="comma-separated layer indices (module, attribution)")
@@ -47,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="root", default=None, metavar="L12N34", help="circuit: the neuron to trace from")
     p.add_argument("--depth", type=int, default=2, help="circuit: levels traced (default 2)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -64,12 +74,14 @@ def _int_list(spec: str | None, flag: str) -> list[int] | None:
     return out
 
 
-def _check_out(out: str | None) -> Path | None:
+def _check_out(out: str | None, force: bool) -> Path | None:
     if out is None:
         return None
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder; choose a folder path")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise UsageError(f"--out {out} exists and is not empty; choose another folder or pass --force")
     parent = path.absolute().parent
     if not parent.is_dir():
         raise UsageError(f"--out parent folder {parent} does not exist; create it first")
@@ -107,38 +119,38 @@ def _validate(args: argparse.Namespace) -> None:
     args.module_list = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
     if args.modules is not None and not args.module_list:
         raise UsageError("--modules is empty; give kinds like attn.o,mlp.down")
-    args.out_dir = _check_out(args.out)
+    args.out_dir = _check_out(args.out, args.force)
 
 
 # --------------------------------------------------------------------------- dispatch
 def _locate(args: argparse.Namespace, lm, prompts: list[str]):
     """Run the method; returns (LocateResult, extra payload for figures)."""
-    m, bs = args.method, args.batch_size
+    m, bs, pb = args.method, args.batch_size, not args.no_progress
     if m in ("layer", "bmi"):
         from ..locate import layers
 
         if m == "bmi":
-            return layers.bmi(lm, prompts, lens=args.lens, batch_size=bs), None
-        return layers.layer_scale(lm, prompts, args.targets, norm=args.norm or "recompute", lens=args.lens, batch_size=bs), None
+            return layers.bmi(lm, prompts, lens=args.lens, batch_size=bs, progress=pb), None
+        return layers.layer_scale(lm, prompts, args.targets, norm=args.norm or "recompute", lens=args.lens, batch_size=bs, progress=pb), None
     if m == "module":
         from ..locate.modules import module_scale
 
-        return module_scale(lm, prompts, args.targets, layers=args.layer_list, modules=args.module_list, batch_size=bs), None
+        return module_scale(lm, prompts, args.targets, layers=args.layer_list, modules=args.module_list, batch_size=bs, progress=pb), None
     if m == "row":
         from ..locate.gradients import row_scale
 
-        return row_scale(lm, prompts, args.module, args.targets, order=args.order, keep=args.keep, batch_size=bs), None
+        return row_scale(lm, prompts, args.module, args.targets, order=args.order, keep=args.keep, batch_size=bs, progress=pb), None
     if m == "neuron":
         from ..locate.gradients import neuron_scale
 
-        return neuron_scale(lm, prompts, args.module, args.targets, order=args.order, keep=args.keep, batch_size=bs), None
+        return neuron_scale(lm, prompts, args.module, args.targets, order=args.order, keep=args.keep, batch_size=bs, progress=pb), None
     if m == "attribution":
         from ..locate.attribution import head_attribution, neuron_attribution
 
         norm = args.norm or "cached"
         if args.heads:
-            return head_attribution(lm, prompts, args.targets, norm=norm, batch_size=bs), None
-        return neuron_attribution(lm, prompts, args.targets, norm=norm, layers=args.layer_list, batch_size=bs), None
+            return head_attribution(lm, prompts, args.targets, norm=norm, batch_size=bs, progress=pb), None
+        return neuron_attribution(lm, prompts, args.targets, norm=norm, layers=args.layer_list, batch_size=bs, progress=pb), None
     if m == "general-neurons":
         from ..locate.general_neurons import detect_general, position_stats
 
@@ -159,8 +171,9 @@ def _causal(args: argparse.Namespace, lm, prompts: list[str]):
     from ..locate.prompts import resolve_prompts
 
     dev = prompts if args.prompts_file else resolve_prompts(args.suite, args.dev_split, args.n_samples, args.seed)
-    cand = neuron_attribution(lm, prompts, args.targets, batch_size=args.batch_size).top_labels(args.candidates)
-    res = causal_selection(lm, cand, dev, args.targets, k=args.k or 50)
+    cand = neuron_attribution(lm, prompts, args.targets, batch_size=args.batch_size,
+                              progress=not args.no_progress).top_labels(args.candidates)
+    res = causal_selection(lm, cand, dev, args.targets, k=args.k or 50, progress=not args.no_progress)
     res.extras["dev_split"] = "prompts-file" if args.prompts_file else args.dev_split
     return res
 
@@ -199,27 +212,22 @@ def _figures(method: str, result, payload) -> dict:
     return {}
 
 
-def _write_figure(fig, stem: Path) -> list[Path]:
+def _write_out(out: Path, result, payload, plotlyjs: str) -> list[Path]:
+    """Build ``result.json`` and the figures in a temporary sibling, then move it onto ``out``."""
+    from ..io import make_temp_dir, replace_dir
     from ..plot.io import write_figure
 
-    return list(write_figure(fig, stem))
-
-
-def _write_out(out: Path, result, payload) -> list[Path]:
-    from ..io import atomic_write_text
-
     figs = _figures(result.method, result, payload)  # build everything before the first write
-    os.makedirs(out, exist_ok=True)
-    data = result.to_dict()
-    if result.per_prompt is not None:
-        from ..locate.result import _jsonable
-
-        data["per_prompt"] = _jsonable(result.per_prompt)
-    data["ascending"] = result.ascending
-    written = [atomic_write_text(out / "result.json", json.dumps(data))]
-    for name, fig in figs.items():
-        written += _write_figure(fig, out / name)
-    return written
+    tmp = make_temp_dir(out.absolute().parent, f".{out.name}.tmp")
+    try:
+        written = [result.save(tmp / "result.json")]
+        for name, fig in figs.items():
+            written += write_figure(fig, tmp / name, plotlyjs=plotlyjs)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out / p.name for p in written]
 
 
 def _print_table(result, k: int, n_prompts: int) -> None:
@@ -242,8 +250,10 @@ def run(args: argparse.Namespace) -> int:
     result, payload = _locate(args, lm, prompts)
     result.model = result.model or lm.name
     if args.out_dir is not None:
-        for path in _write_out(args.out_dir, result, payload):
+        written = _write_out(args.out_dir, result, payload, args.plotlyjs)
+        for path in written:
             log.info("wrote %s", path)
+        print(f"bias-lens locate: wrote {len(written)} files to {args.out_dir}", file=sys.stderr)
     if args.json:
         json.dump(result.to_dict(), sys.stdout)
         sys.stdout.write("\n")

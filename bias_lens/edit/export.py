@@ -21,13 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..io import replace_dir
+from ..io import make_temp_dir, replace_dir
 from .edits import bits
 from .patch import _checkpoint_tensors, weights_sha256
 
@@ -128,7 +127,7 @@ def export_checkpoint(
     if base_dir is not None and not any(base_dir.glob("*.safetensors")):
         raise FileNotFoundError(f"base {base_dir} has no *.safetensors weights")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    tmp = make_temp_dir(target.parent, f".{target.name}.tmp")
     try:
         _write(lm, tmp)
         manifest = {
