@@ -12,7 +12,7 @@ from bias_lens.locate.attribution import (
     norm_parts,
     target_importance,
 )
-from bias_lens.locate.query_neurons import query_neurons
+from bias_lens.locate.query_neurons import gate_query_neurons
 from bias_lens.targets import resolve_targets
 
 PROMPTS = ["The nurse laughed because", "The carpenter went home because", "The doctor said that", "Two plus"]
@@ -113,11 +113,11 @@ def test_head_attribution_equals_brute_force(tiny, o_bias_mode):
     assert res.labels[0] == "L0H0" and len(res.labels) == tiny.n_layers * tiny.n_heads
 
 
-def test_query_neurons_formula(tiny_llama):
+def test_gate_query_neurons_formula(tiny_llama):
     lm = tiny_llama
     cache = collect_last(lm, PROMPTS)
     values = ["L2N3", "L2N17", "L1N5"]
-    res = query_neurons(lm, cache, values, input_dir="gate")
+    res = gate_query_neurons(lm, cache, values, input_dir="gate")
     ln2 = [norm_parts(lm.block(l).post_attention_layernorm) for l in range(lm.n_layers)]
     for j_label in ("L0N7", "L1N11", "L0N90"):
         lj, j = int(j_label[1]), int(j_label.split("N")[1])

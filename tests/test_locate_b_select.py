@@ -23,9 +23,15 @@ PROMPTS = [
 ]
 
 
-def _acts(lm, prompt):
-    """All-position activations |m| [layer, pos, d_mlp] and final-residual scale [pos] by plain hooks."""
+def _ids(lm, prompt, start=False):
+    """Token ids [1, pos]; ``start`` puts the start token (tiny tokenizer: no BOS, so EOS) in front by id."""
     ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    return torch.cat([torch.tensor([[lm.tokenizer.eos_token_id]]), ids], 1) if start else ids
+
+
+def _acts(lm, prompt, start=False):
+    """All-position activations |m| [layer, pos, d_mlp] and final-residual scale [pos] by plain hooks."""
+    ids = _ids(lm, prompt, start)
     got = {}
     hs = [lm.submodule(l, "mlp.down").register_forward_pre_hook(lambda m, a, l=l: got.__setitem__(l, a[0][0].double()))
           for l in range(lm.n_layers)]
@@ -38,16 +44,18 @@ def _acts(lm, prompt):
     return torch.stack([got[l] for l in range(lm.n_layers)]), out
 
 
-@pytest.mark.parametrize("by", ["activation", "attribution"])
-def test_position_stats_match_loop(tiny, by):
+@pytest.mark.parametrize("by,start", [("activation", True), ("attribution", True), ("activation", False)])
+def test_position_stats_match_loop(tiny, by, start):
+    """start=True (the default): position 0 is the prepended start token (the tiny tokenizer has no
+    BOS, so its EOS); start=False keeps the earlier first-token reading."""
     z = 1.0  # low threshold so the tiny random model has outsized neurons to count
-    stats = position_stats(tiny, PROMPTS, by=by, z=z, batch_size=2)
+    stats = position_stats(tiny, PROMPTS, by=by, z=z, batch_size=2, start_token=start)
     arg0 = torch.zeros(tiny.n_layers, tiny.d_mlp, dtype=torch.float64)
     outs = torch.zeros_like(arg0)
     elig = 0
     r = norm_parts(tiny.final_norm).read_dir(logit_diff_dir(tiny, check_pair(tiny, "he,she")))
     for p in PROMPTS:
-        m, out = _acts(tiny, p)
+        m, out = _acts(tiny, p, start)
         n = m.shape[1]
         for l in range(tiny.n_layers):
             for k in range(tiny.d_mlp):
@@ -56,7 +64,7 @@ def test_position_stats_match_loop(tiny, by):
                     v = tiny.submodule(l, "mlp.down")
                     vk = (v(torch.eye(tiny.d_mlp)[k : k + 1]) - v(torch.zeros(1, tiny.d_mlp))).double()[0].detach()
                     # raw final residual = hidden state before ln_f: rebuild scale from the last block output via the hook-free path
-                    c = (m[l, :, k] * float(r @ vk)).abs() / _final_scale(tiny, p)
+                    c = (m[l, :, k] * float(r @ vk)).abs() / _final_scale(tiny, p, start)
                 else:
                     c = a
                 arg0[l, k] += float(int(c.argmax()) == 0)
@@ -66,11 +74,11 @@ def test_position_stats_match_loop(tiny, by):
         elig += n >= 3
     assert torch.allclose(stats.argmax0_frac, arg0 / len(PROMPTS))
     assert torch.allclose(stats.outsized_frac, outs / elig)
-    assert stats.n_eligible == elig and stats.start_token == "first-token"
+    assert stats.n_eligible == elig and stats.start_token == ("eos-prepended" if start else "first-token")
 
 
-def _final_scale(lm, prompt):
-    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+def _final_scale(lm, prompt, start=False):
+    ids = _ids(lm, prompt, start)
     got = {}
     h = lm.block(lm.n_layers - 1).register_forward_hook(lambda m, a, o: got.__setitem__("x", (o[0] if isinstance(o, tuple) else o)[0].double()))
     try:
@@ -175,3 +183,61 @@ def test_causal_rejects_bad_input(tiny_llama):
         causal_selection(tiny_llama, ["L9N1"], PROMPTS)
     with pytest.raises(ValueError, match="mode"):
         causal_selection(tiny_llama, ["L0N1"], PROMPTS, mode="x")
+
+
+def test_attention_start_stats_and_candidate_filter(tiny_llama):
+    """Attention value neurons' important position (largest |a[h,last,pos] v[pos,d]|) against
+    eager-attention HF outputs, and the start filter on the paper's mixed candidate set."""
+    from bias_lens.locate.query_neurons import paper_candidates
+    from bias_lens.locate.value_neurons import kv_head
+
+    lm = tiny_llama
+    stats = position_stats(lm, PROMPTS, z=1.0, attention=True, batch_size=2)
+    H, dh = lm.n_heads, lm.d_head
+    want = torch.zeros(lm.n_layers, H, dh, dtype=torch.float64)
+    prev = lm.hf.config._attn_implementation
+    lm.hf.set_attn_implementation("eager")
+    try:
+        for p in PROMPTS:
+            with torch.no_grad():
+                out = lm.hf(_ids(lm, p, True), output_attentions=True, output_hidden_states=True)
+            for l, layer in enumerate(lm.hf.model.layers):
+                with torch.no_grad():
+                    v = layer.self_attn.v_proj(layer.input_layernorm(out.hidden_states[l][0])).double()
+                for h in range(H):
+                    a = out.attentions[l][0, h, -1].double()
+                    for d in range(dh):
+                        want[l, h, d] += float(int((a * v[:, kv_head(lm, h) * dh + d]).abs().argmax()) == 0)
+    finally:
+        lm.hf.set_attn_implementation(prev)
+    assert torch.allclose(stats.attn_argmax0_frac, want / len(PROMPTS))
+    cand = paper_candidates(lm, PROMPTS, k=6, batch_size=2)
+    with pytest.raises(ValueError, match="attention=True"):
+        filter_general(cand, position_stats(lm, PROMPTS, z=1.0))
+    filt = filter_general(cand, stats, min_frac=0.5)
+
+    def frac(lab):
+        if "V" in lab:
+            l, h, d = (int(x) for x in lab[1:].replace("H", " ").replace("V", " ").split())
+            return float(want[l, h, d] / len(PROMPTS))
+        return float(stats.argmax0_frac[int(lab[1:].split("N")[0]), int(lab.split("N")[1])])
+
+    removed = [i for i, lab in enumerate(cand.labels) if frac(lab) >= 0.5]
+    assert filt.extras["n_removed"] == len(removed) > 0 and filt.extras["n_before"] == 18
+    kept = [i for i in range(18) if i not in removed]
+    assert filt.labels == [cand.labels[i] for i in kept]
+    assert filt.extras["kind"] == [cand.extras["kind"][i] for i in kept]
+
+
+@pytest.mark.integration
+def test_smollm2_start_token_is_prepended(smol):
+    """SmolLM2's tokenizer adds no BOS: the filter scores prompts with its BOS in front."""
+    from bias_lens.locate.general_neurons import with_start_token
+
+    assert smol.tokenizer("The nurse is a")["input_ids"][0] != smol.tokenizer.bos_token_id
+    out, kind = with_start_token(smol, ["The nurse is a", "Two plus"])
+    ids = smol.tokenizer(out)["input_ids"]
+    assert kind == "bos-prepended"
+    assert [i[0] for i in ids] == [smol.tokenizer.bos_token_id] * 2
+    assert [i[1:] for i in ids] == smol.tokenizer(["The nurse is a", "Two plus"])["input_ids"]
+    assert with_start_token(smol, ["The nurse is a"], start_token=False) == (["The nurse is a"], "first-token")

@@ -2,8 +2,13 @@
 
 The interpretable-neuron-editing paper finds "general neurons" that fire at the ``<start>``
 position and support all abilities (editing two of them collapses arithmetic and reading
-comprehension). Position 0 is the BOS token when the tokenizer adds one, else the first token
-(SmolLM2 adds none, so it is the first word).
+comprehension). The paper's models start every prompt with a start token; SmolLM2's tokenizer adds
+none, so without help "position 0" would be the first word. :func:`position_stats` therefore
+scores prompts with the model's start token prepended (``start_token=True``, default: the BOS token,
+else EOS as GPT-2 uses ``<|endoftext|>``; nothing is prepended when the tokenizer already adds
+it), and position 0 is that token. ``start_token=False`` keeps the raw prompts (position 0 = first
+token; the earlier behaviour). ``PositionStats.start_token`` records which: ``"bos-prepended"``,
+``"eos-prepended"``, ``"bos-added-by-tokenizer"`` or ``"first-token"``.
 
 * :func:`position_stats` — one batched pass over all positions (activations are reduced inside
   the hook per batch, never kept): for every neuron of every layer, the fraction of prompts whose
@@ -37,6 +42,7 @@ from ..scoring import check_prompts, iter_batches
 from ..targets import TargetSet
 from .attribution import base_model, check_pair, logit_diff_dir, norm_parts, value_vectors
 from .result import LocateResult
+from .value_neurons import attn_pieces, is_attn_neuron, kv_head, parse_attn_neuron
 
 
 @dataclass
@@ -50,23 +56,38 @@ class PositionStats:
     by: str
     z: float
     start_token: str
+    attn_argmax0_frac: Float[Tensor, "layer head d_head"] | None = None
 
 
-def _start_token(lm, prompts: Sequence[str]) -> str:
-    bos = lm.tokenizer.bos_token_id
-    first = lm.tokenizer(prompts[:1])["input_ids"][0][0]
-    return "bos" if bos is not None and first == bos else "first-token"
+def with_start_token(lm, prompts: Sequence[str], start_token: bool = True) -> tuple[list[str], str]:
+    """``prompts`` with the model's start token prepended (see the module docstring) and its kind."""
+    prompts = check_prompts(prompts)
+    if not start_token:
+        return prompts, "first-token"
+    tok = lm.tokenizer
+    sid, kind = (tok.bos_token_id, "bos") if tok.bos_token_id is not None else (tok.eos_token_id, "eos")
+    if sid is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to use as <start>; pass start_token=False")
+    first = [ids[0] for ids in tok(prompts, add_special_tokens=True)["input_ids"]]
+    if all(f == sid for f in first):
+        return prompts, "bos-added-by-tokenizer"
+    text = tok.convert_ids_to_tokens(sid)
+    out = [text + p for p in prompts]
+    got = [ids[0] for ids in tok(out)["input_ids"]]
+    if any(g != sid for g in got):
+        raise ValueError(f"prepending {text!r} does not tokenize to the start id {sid}; pass start_token=False")
+    return out, f"{kind}-prepended"
 
 
 @torch.no_grad()
 def position_stats(
     lm, prompts: Sequence[str], *, by: str = "activation", z: float = 3.0, targets: TargetSet | str = "he,she",
-    batch_size: int = 16,
+    batch_size: int = 16, start_token: bool = True, attention: bool = False,
 ) -> PositionStats:
     """Argmax-at-0 and outsized-at-0 fractions for every neuron (see module docstring)."""
     if by not in ("activation", "attribution"):
         raise ValueError(f"by must be 'activation' or 'attribution', got {by!r}")
-    prompts = check_prompts(prompts)
+    prompts, start_kind = with_start_token(lm, prompts, start_token)
     L = lm.n_layers
     arg0 = torch.zeros(L, lm.d_mlp, dtype=torch.float64)
     outs = torch.zeros(L, lm.d_mlp, dtype=torch.float64)
@@ -100,7 +121,21 @@ def position_stats(
             mu, sd = other.nanmean(1), _nanstd(other)
             out = (a[:, 0] > mu + z * sd) & elig[:, None]
             outs[l] += out.double().sum(0)
-    return PositionStats(arg0 / len(prompts), outs / max(n_elig, 1), len(prompts), n_elig, by, z, _start_token(lm, prompts))
+    attn0 = _attn_argmax0(lm, prompts, batch_size) if attention else None
+    return PositionStats(arg0 / len(prompts), outs / max(n_elig, 1), len(prompts), n_elig, by, z, start_kind, attn0)
+
+
+def _attn_argmax0(lm, prompts: list[str], batch_size: int) -> Float[Tensor, "layer head d_head"]:
+    """Fraction of prompts whose largest attention value-neuron piece comes from position 0."""
+    L, H, dh = lm.n_layers, lm.n_heads, lm.d_head
+    kv = torch.tensor([kv_head(lm, h) for h in range(H)])
+    count = torch.zeros(L, H, dh, dtype=torch.float64)
+    for pb in attn_pieces(lm, prompts, range(L), batch_size=batch_size):
+        for l in range(L):
+            v = pb.values[l].view(*pb.values[l].shape[:2], -1, dh)[:, :, kv]  # [batch, pos, head, d_head]
+            piece = pb.probs[l].transpose(1, 2)[..., None] * v  # = PieceBatch.pieces, all units at once
+            count[l] += (piece.abs().argmax(1) == 0).double().sum(0)
+    return count / len(prompts)
 
 
 def _nanstd(x: Tensor) -> Tensor:
@@ -109,20 +144,37 @@ def _nanstd(x: Tensor) -> Tensor:
     return (x - mu).pow(2).nanmean(1).sqrt()
 
 
-def _frac_of(stats_t: Tensor, label: str) -> float:
+def _frac_of(stats: PositionStats, label: str) -> float:
+    if is_attn_neuron(label):
+        if stats.attn_argmax0_frac is None:
+            raise ValueError(f"{label} is an attention value neuron: compute the stats with position_stats(..., attention=True)")
+        l, h, d = parse_attn_neuron(label)
+        return float(stats.attn_argmax0_frac[l, h, d])
     l, k = parse_neuron_name(label)
-    return float(stats_t[l, k])
+    return float(stats.argmax0_frac[l, k])
+
+
+ALIGNED_LIST_EXTRAS = ("kind",)  # list extras that line up with the labels (paper_candidates)
+
+
+def _take(v, idx: Tensor, key: str, n: int):
+    if isinstance(v, Tensor) and v.shape[:1] == (n,):
+        return v[idx]
+    if key in ALIGNED_LIST_EXTRAS and isinstance(v, list) and len(v) == n:
+        return [v[int(i)] for i in idx]
+    return v
 
 
 def filter_general(result: LocateResult, stats: PositionStats, *, min_frac: float = 0.5) -> LocateResult:
-    """``result`` without neurons whose argmax position is 0 in >= ``min_frac`` of prompts."""
+    """``result`` without neurons whose argmax position is 0 (the start token) in >= ``min_frac`` of prompts."""
     keep, general = [], []
     for i, lab in enumerate(result.labels):
-        (general if _frac_of(stats.argmax0_frac, lab) >= min_frac else keep).append(i)
+        (general if _frac_of(stats, lab) >= min_frac else keep).append(i)
     idx = torch.as_tensor(keep, dtype=torch.long)
-    extras = {k: (v[idx] if isinstance(v, Tensor) and v.shape[:1] == result.scores.shape[:1] else v) for k, v in result.extras.items()}
+    extras = {k: _take(v, idx, k, len(result.labels)) for k, v in result.extras.items()}
     general_sorted = [result.labels[i] for i in result.order() if i in set(general)]
-    extras.update({"general_excluded": general_sorted, "min_frac": min_frac, "start_token": stats.start_token, "by": stats.by})
+    extras.update({"general_excluded": general_sorted, "n_removed": len(general), "n_before": len(result.labels),
+                   "min_frac": min_frac, "start_token": stats.start_token, "by": stats.by})
     return LocateResult(
         result.method, [result.labels[i] for i in keep], result.scores[idx], variant=f"{result.variant},general-filtered",
         per_prompt=result.per_prompt[:, idx] if result.per_prompt is not None else None, extras=extras,
