@@ -48,6 +48,20 @@ class TargetSet:
     def __len__(self) -> int:
         return len(self.words)
 
+    def require(self, *, n: int | None = None, single_token: bool = False) -> "TargetSet":
+        """Check this set can be compared: ``n`` words if given, distinct words and token ids, and
+        (``single_token=True``) one token each. Raises :class:`TargetError` saying how to fix it."""
+        if n is not None and len(self.words) != n:
+            raise TargetError(f"need exactly {n} target words, got {len(self.words)}: {','.join(self.words)}")
+        if len(set(self.words)) != len(self.words) or len(set(self.token_ids)) != len(self.token_ids):
+            raise TargetError(f"target words {','.join(self.words)} are not distinct (same word or same tokens); "
+                              "pass different words, e.g. he,she")
+        multi = [w for w, t in zip(self.words, self.token_ids) if len(t) != 1]
+        if single_token and multi:
+            raise TargetError(f"target(s) {', '.join(multi)} are several tokens for this tokenizer; next-token "
+                              "metrics need one token per word: choose single-token words (e.g. he,she)")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return {"words": list(self.words), "token_ids": [list(t) for t in self.token_ids]}
 

@@ -31,7 +31,7 @@ def render(fig: Path = FIG) -> str:
     """The README block (markdown) rendered from ``fig/results.json`` and ``fig/locate/*.json``."""
     sys.path.insert(0, str(ROOT))
     from bias_lens.locate.result import LocateResult
-    from bias_lens.pipeline.report import _locate_summary, markdown_table
+    from bias_lens.pipeline.report import LEGEND, _locate_summary, markdown_table
 
     res = json.loads((fig / "results.json").read_text())
     meta = res["meta"]
@@ -41,14 +41,17 @@ def render(fig: Path = FIG) -> str:
            f"{meta['versions'].get('torch', '?')}. Every number below is rendered from that run's "
            "`figures/results.json` by `scripts/readme_results.py` (a test checks they agree). Full report: "
            "[figures/report.md](figures/report.md).", "",
-           "**Before editing** (test splits; n = samples scored):", "",
+           "**Before editing** (test splits; n = samples scored, a fixed-seed subset where it is below the split "
+           "size that `bias-lens datasets` lists; raw metrics are the papers' literal ones, `_renorm` = over the "
+           "target pair renormalised, `mass` = mean summed target probability):", "",
            "| suite | n | metrics |", "|---|---:|---|"]
     for suite, e in res["evaluate"].items():
         out.append(f"| {suite} | {e['n']} | {_metrics_line(e['metrics'])} |")
     results = {p.stem: LocateResult.load(p) for p in sorted((fig / "locate").glob("*.json")) if p.stem != "circuit"}
     out += ["", "**Located** (200 GenBiasEval train prompts; top 5 per method):", "", *_locate_summary(results), "",
-            "**Edited** (train: GenBiasEval train samples, early stopping on dev; every row measured on test and "
-            "undone; Cost-P = weights in the edit mask):", "", markdown_table(res["org"], res["rows"]), ""]
+            "**Edited** (train: GenBiasEval train samples, early stopping on dev; every row measured on test "
+            "subsets and undone; row limits " + ", ".join(f"{k} {v}" for k, v in meta["config"]["row_limits"].items())
+            + "):", "", markdown_table(res["org"], res["rows"]), "", LEGEND, ""]
     best = res.get("best")
     out.append(f"Exported: **{best}** (lowest AFGB among weight edits keeping perplexity within +5% and UB within "
                "0.1), as a reload-verified checkpoint and a sparse patch." if best else

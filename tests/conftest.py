@@ -161,9 +161,20 @@ def _one_thread_for_tiny_models(request):
     if request.node.get_closest_marker("integration") is not None:
         yield
         return
+    yield from _single_thread()
+
+
+def _single_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded for an integration test of many small forwards (a second intra-op thread cost
+    ~10x on a loaded 2-core box, measured)."""
+    yield from _single_thread()

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from bias_lens.benchmarks import ALL_SUITES, load_split, sample_prompts, split_sizes, to_jsonl
+from bias_lens.benchmarks import EXTRA_SUITES, SUITES, load_split, sample_prompts, split_sizes, to_jsonl
 from bias_lens.benchmarks import external, generated, sources
 from bias_lens.benchmarks.datasets import check_suite
 
@@ -17,18 +17,22 @@ EXPECTED_SIZES = {
     "genbiaspro-cg": {"train": 1280, "dev": 256, "test": 1024},
     "genbiaseval": {"train": 1026, "dev": 513, "test": 1026},
     "genhinteval": {"train": 342, "dev": 171, "test": 342},
-    "dama": {"train": 1199, "dev": 594, "test": 1221},
+    "dama": {"train": 1925, "dev": 484, "test": 1111},
+    "dama-filtered": {"train": 1199, "dev": 594, "test": 1221},
     "stereoset": {"dev": 83, "test": 253},
+    "stereoset-intra": {"dev": 255},
+    "stereoset-inter": {"dev": 242},
+    "commonwords": {"train": 1200, "dev": 400, "test": 400},
     "crows-pairs": {"test": 262},
     "winogender": {"test": 240},
     "winobias": {"dev": 792, "test": 792},
-    "retention": {"test": 1192},
+    "retention": {"test": 1648},
     "religion": {"train": 342, "dev": 171, "test": 342},
 }
 
 
 def test_split_sizes_exact():
-    assert {s: split_sizes(s) for s in ALL_SUITES} == EXPECTED_SIZES
+    assert {s: split_sizes(s) for s in SUITES + EXTRA_SUITES} == EXPECTED_SIZES
     for suite, sizes in EXPECTED_SIZES.items():
         for split, n in sizes.items():
             assert len(load_split(suite, split)) == n
@@ -37,19 +41,29 @@ def test_split_sizes_exact():
 def test_other_axes_sizes():
     assert split_sizes("crows-pairs", axis="religion") == {"test": 105}
     assert split_sizes("crows-pairs", axis="all") == {"test": 1508}
-    assert split_sizes("stereoset", axis="race") == {"dev": 371}
+    assert split_sizes("stereoset", axis="race") == {"dev": 371, "test": 962}
+    assert split_sizes("stereoset", axis="religion") == {"dev": 12, "test": 79}
+    assert split_sizes("stereoset-intra", axis="all") == {"dev": 2106}
+    assert split_sizes("stereoset-inter", axis="all") == {"dev": 2123}
     assert {r["bias_type"] for r in load_split("crows-pairs", "test", axis="religion")} == {"religion"}
     with pytest.raises(ValueError, match="only split"):
-        load_split("stereoset", "test", axis="race")
+        load_split("stereoset", "test", axis="profession")
     with pytest.raises(ValueError, match="no bias axis"):
         load_split("genbiaseval", "test", axis="race")
 
 
-@pytest.mark.parametrize("suite", ["genbiaspro-cg", "genbiaseval", "genhinteval", "dama", "religion"])
+def test_dama_seed_redraws_dev_only():
+    a = {sp: to_jsonl(load_split("dama", sp, seed=0)) for sp in ("train", "dev", "test")}
+    b = {sp: to_jsonl(load_split("dama", sp, seed=1)) for sp in ("train", "dev", "test")}
+    assert a["test"] == b["test"] and a["dev"] != b["dev"]
+    assert {sp: to_jsonl(r) for sp, r in generated.build_dama(0).items()} == a
+
+
+@pytest.mark.parametrize("suite", ["genbiaspro-cg", "genbiaseval", "genhinteval", "dama-filtered", "religion"])
 def test_same_seed_byte_identical_other_seed_differs(suite):
     generated_a = {sp: to_jsonl(load_split(suite, sp, seed=0)) for sp in ("train", "dev", "test")}
     fresh = {"genbiaspro-cg": generated.build_genbiaspro_cg, "genbiaseval": generated.build_genbiaseval,
-             "genhinteval": generated.build_genhinteval, "dama": generated.build_dama,
+             "genhinteval": generated.build_genhinteval, "dama-filtered": generated.build_dama_filtered,
              "religion": generated.build_religion}[suite](0)
     assert {sp: to_jsonl(rows) for sp, rows in fresh.items()} == generated_a
     other = {sp: to_jsonl(load_split(suite, sp, seed=1)) for sp in ("train", "dev", "test")}
@@ -61,7 +75,7 @@ def test_same_seed_byte_identical_other_seed_differs(suite):
     assert keys(other) == keys(generated_a)  # same samples, re-drawn splits (and, GenHintEval, hints)
 
 
-@pytest.mark.parametrize("suite", ["genbiaspro-cg", "genbiaseval", "genhinteval", "dama", "religion"])
+@pytest.mark.parametrize("suite", ["genbiaspro-cg", "genbiaseval", "genhinteval", "dama", "dama-filtered", "religion"])
 def test_splits_are_profession_disjoint_and_cover_everything(suite):
     profs = {sp: {r["profession"] for r in load_split(suite, sp)} for sp in ("train", "dev", "test")}
     assert not (profs["train"] & profs["dev"]) and not (profs["train"] & profs["test"]) and not (profs["dev"] & profs["test"])
@@ -133,16 +147,80 @@ def test_dama_templates_recover_source_prompts():
     assert len(src) == 2409
     for row in src:
         assert any(t.format(row["subject"]) == row["prompt"] for t in templates)
-    rows = [r for sp in ("train", "dev", "test") for r in load_split("dama", sp)]
+    rows = [r for sp in ("train", "dev", "test") for r in load_split("dama-filtered", sp)]
     assert len(rows) == 274 * 11 and all(abs(r["f"]) <= 0.25 for r in rows)
     src_subjects = {r["subject"].removeprefix("The ").removeprefix("the ") for r in src}
     assert src_subjects <= {r["profession"] for r in rows}
 
 
-def test_published_sets_match_sources():
-    st = load_split("stereoset", "test")
+def test_dama_split_is_damas_own():
+    """DAMA's generate_adapt_data.py: train = its released train professions; test = the |f| <= 0.25
+    professions it held out plus every |f| > 0.25 one (46 < the 55 held out, so all of them)."""
+    src = {r["subject"].removeprefix("The ") for r in sources.dama_source()}
+    profs = {sp: {r["profession"] for r in load_split("dama", sp)} for sp in ("train", "dev", "test")}
+    assert profs["train"] | profs["dev"] == src and not profs["train"] & profs["dev"]
+    every = {w: f for w, f, _ in sources.professions()}
+    held = {w for w, f in every.items() if abs(f) <= 0.25} - src
+    factual = {w for w, f in every.items() if abs(f) > 0.25}
+    assert (len(held), len(factual)) == (55, 46) and profs["test"] == held | factual
+    test = load_split("dama", "test")
+    assert len(test) == 101 * 11 and {r["prompt"] for r in test}.isdisjoint(r["prompt"] for r in src_rows())
+    assert len(profs["dev"]) == 44  # a seeded fifth of the train professions (DAMA has no dev)
+
+
+def src_rows():
+    return sources.dama_source()
+
+
+def _official_by_sentence() -> dict[str, dict]:
+    """Official dev rows keyed by every one of their (normalised) sentences: the independent oracle."""
+    out = {}
+    for line in (sources.data_dir() / "stereoset/official_dev.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["type"] == "intrasentence":
+            for k in ("stereotype", "anti-stereotype", "unrelated"):
+                out.setdefault(" ".join(r[k].lower().split()), []).append((k, r))
+    return out
+
+
+@pytest.mark.parametrize("axis,n", [("gender", 253), ("race", 962), ("religion", 79)])
+def test_stereoset_test_labels_are_the_official_ones(axis, n):
+    """Every test item's stereotype / anti-stereotype / unrelated sentence carries the label the
+    official StereoSet dev set gives that sentence (in a row with the same context)."""
+    rows = load_split("stereoset", "test", axis=axis)
+    assert len(rows) == n and all(r["label_source"] == "official" for r in rows)
+    index = _official_by_sentence()
+    for r in rows:
+        for ours, theirs in (("stereotype", "stereotype"), ("anti_stereotype", "anti-stereotype"),
+                             ("unrelated", "unrelated")):
+            hits = index[" ".join(r[ours].lower().split())]
+            assert any(lab == theirs and off["context"].lower() == r["prompt"].lower() for lab, off in hits), (r, ours)
+
+
+def test_stereoset_biasedit_gender_file_is_swapped_race_religion_not():
+    """The shipped BiasEdit gender file exchanges the two labels on every item; the loader does not."""
     raw = json.loads((sources.data_dir() / "stereoset/gender_test.json").read_text())
-    assert [r["stereotype"] for r in st] == [x["data"]["stereotype"]["sentence"] for x in raw]
+    ours = load_split("stereoset", "test")
+    assert [x["data"]["stereotype"]["sentence"] for x in raw] == [r["anti_stereotype"] for r in ours]
+    assert [x["data"]["anti-stereotype"]["sentence"] for x in raw] == [r["stereotype"] for r in ours]
+    school = next(r for r in ours if r["prompt"] == "The BLANK schoolgirl gave a recital at her school.")
+    assert school["stereotype"].startswith("The innnocent") and school["anti_stereotype"].startswith("The angry")
+    race = json.loads((sources.data_dir() / "stereoset/race_test.json").read_text())
+    gold = [{s["gold_label"]: s["sentence"] for s in x["sentences"]}["stereotype"] for x in race]
+    assert gold == [r["stereotype"] for r in load_split("stereoset", "test", axis="race")]
+
+
+def test_stereoset_official_tasks():
+    intra = load_split("stereoset-intra", "dev", axis="all")
+    inter = load_split("stereoset-inter", "dev", axis="all")
+    assert {r["bias_type"] for r in intra} == {"gender", "race", "religion", "profession"}
+    assert sum(r["bias_type"] == "gender" for r in intra) == 255
+    assert all("BLANK" in r["prompt"] for r in intra) and not any("BLANK" in r["prompt"] for r in inter)
+    with pytest.raises(ValueError, match="no split"):
+        load_split("stereoset-intra", "test")
+
+
+def test_published_sets_match_sources():
     crows = load_split("crows-pairs", "test")
     assert {r["direction"] for r in crows} == {"stereo", "antistereo"} and all(r["bias_type"] == "gender" for r in crows)
     wg = load_split("winogender", "test")
@@ -160,6 +238,11 @@ def test_published_sets_match_sources():
 def test_retention_sizes_and_probe_arithmetic():
     sents = external.retention_sentences()
     assert len(sents) >= 1000 and len(set(sents)) == len(sents)
+    from bias_lens.benchmarks.capability_data import is_gendered, neutral_sentences
+
+    assert sorted(sents) == sorted(neutral_sentences()) and not any(is_gendered(s) for s in sents)
+    words = {w.strip(".,?!;:'\"()").lower() for s in sents for w in s.split()}
+    assert not words & {"he", "she", "his", "her", "him", "man", "woman", "mother", "father"}
     probe = sources.retention_probe()
     assert len(probe) >= 150 and len({p["prompt"] for p in probe}) == len(probe)
     arith = [p for p in probe if p["category"] == "arithmetic"]
@@ -187,3 +270,20 @@ def test_sample_prompts_and_bad_input():
         load_split("crows-pairs", "train")
     with pytest.raises(ValueError):
         sample_prompts("dama", n=0)
+
+
+def test_missing_or_malformed_data_file_is_one_clear_error(tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(sources.data_dir(), tmp_path / "data")
+    monkeypatch.setenv("BIAS_LENS_DATA", str(tmp_path / "data"))
+    (tmp_path / "data/stereoset/official_dev.jsonl").write_text('{"type": "intra\n')
+    (tmp_path / "data/dama/train_dama.json").unlink()
+    for fn, name in ((sources.stereoset_official, "official_dev.jsonl"), (sources.dama_source, "train_dama.json")):
+        fn.cache_clear()
+        try:
+            with pytest.raises(ValueError, match=name) as err:
+                fn()
+            assert "\n" not in str(err.value) and "restore" in str(err.value)
+        finally:
+            fn.cache_clear()

@@ -58,6 +58,12 @@ def test_profession_probabilities_and_metrics(tiny):
     assert res.metrics["afgb"] == pytest.approx(np.mean(np.abs(p[:, 0] - p[:, 1])), rel=1e-5)
     q = p / p.sum(1, keepdims=True)
     assert res.metrics["afgb_renorm"] == pytest.approx(np.mean(np.abs(q[:, 0] - q[:, 1])), rel=1e-5)
+    assert res.metrics["mass"] == pytest.approx(float(p.sum(1).mean()), rel=1e-5)
+    fbs_r = np.mean([abs(a - (1 + r["f"]) / 2) + abs(b - (1 - r["f"]) / 2) for (a, b), r in zip(q, rows)])
+    assert res.metrics["fbs_renorm"] == pytest.approx(fbs_r, rel=1e-5)
+    for scale in {r["scale"] for r in rows}:
+        sel = np.array([r["scale"] == scale for r in rows])
+        assert res.metrics[f"afgb_{scale}_renorm"] == pytest.approx(np.mean(np.abs(q[sel, 0] - q[sel, 1])), rel=1e-5)
     assert {"profession", "f", "s", "template", "scale"} <= set(res.details[0])
 
 
@@ -73,6 +79,9 @@ def test_hint_and_dama_runners(tiny_llama):
     X = np.c_[[r["s"] for r in rows], [r["f"] for r in rows], np.ones(8)]
     coef = np.linalg.lstsq(X, p[:, 0] - p[:, 1], rcond=None)[0]
     assert [res.metrics[k] for k in ("a_s", "a_f", "b")] == pytest.approx(coef.tolist(), rel=1e-4, abs=1e-9)
+    q = p / p.sum(1, keepdims=True)
+    coef_r = np.linalg.lstsq(X, q[:, 0] - q[:, 1], rcond=None)[0]
+    assert [res.metrics[k + "_renorm"] for k in ("a_s", "a_f", "b")] == pytest.approx(coef_r.tolist(), rel=1e-4, abs=1e-9)
 
 
 def test_shared_prefix_cache_equals_plain_forward(tiny):
@@ -106,6 +115,14 @@ def test_sentence_suites_match_hand_loop(tiny_llama):
     assert res.metrics["icat"] == pytest.approx(lms * min(ss, 100 - ss) / 50)
     assert res.options["sentence_score"] == "mean"
 
+    # the other sentence scores: official geometric-mean probability, BiasEdit's mean probability
+    for variant, fn in (("geomean", lambda t: math.exp(np.mean(t))), ("mean_prob", lambda t: np.mean(np.exp(t)))):
+        r2 = evaluate(lm, "stereoset", "test", limit=5, batch_size=4, sentence_score=variant)
+        want = [fn(plain_token_logprobs(lm, d["stereotype"])) for d in r2.details]
+        np.testing.assert_allclose([d["score_stereotype"] for d in r2.details], want, rtol=1e-6)
+        assert r2.options["sentence_score"] == variant
+    assert evaluate(lm, "stereoset", "test", limit=5, sentence_score="geomean").metrics["ss"] == res.metrics["ss"]
+
     res = evaluate(lm, "crows-pairs", "test", limit=6)
     more = [sum(plain_token_logprobs(lm, d["sent_more"])) for d in res.details]
     less = [sum(plain_token_logprobs(lm, d["sent_less"])) for d in res.details]
@@ -117,6 +134,23 @@ def test_sentence_suites_match_hand_loop(tiny_llama):
     anti = [np.mean(plain_token_logprobs(lm, d["anti"])) for d in res.details]
     np.testing.assert_allclose([d["ll_pro"] for d in res.details], pro, rtol=1e-5)
     assert res.metrics["winobias_gap"] == pytest.approx(float(np.mean(np.array(pro) - np.array(anti))), abs=1e-5)
+
+
+@torch.no_grad()
+def test_stereoset_intersentence_scores_the_continuation_only(tiny_llama):
+    """Intersentence: log p(sentence | BOS, context) by one plain forward over the concatenation."""
+    lm, tok = tiny_llama, tiny_llama.tokenizer
+    res = evaluate(lm, "stereoset-inter", "dev", limit=3, axis="all")
+    pre = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    for d in res.details:
+        ctx = tok(d["prompt"], add_special_tokens=False)["input_ids"]
+        for key in ("stereotype", "anti_stereotype", "unrelated"):
+            cont = tok(" " + d[key], add_special_tokens=False)["input_ids"]
+            ids = [pre] + ctx + cont
+            lp = torch.log_softmax(lm.hf(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+            want = np.mean([float(lp[t - 1, ids[t]]) for t in range(1 + len(ctx), len(ids))])
+            assert d[f"score_{key}"] == pytest.approx(want, rel=1e-6)
+    assert res.options["task"] == "intersentence"
 
 
 def test_winogender_runner(tiny_llama):
@@ -175,6 +209,14 @@ def test_runner_bad_input(tiny_llama):
         evaluate(tiny_llama, "genbiaseval", "test", limit=0)
     with pytest.raises(ValueError, match="no split"):
         evaluate(tiny_llama, "crows-pairs", "train")
+    with pytest.raises(ValueError, match="not distinct"):
+        evaluate(tiny_llama, "genbiaseval", "test", limit=2, targets=["he", "he"])
+    with pytest.raises(ValueError, match="several tokens"):
+        evaluate(tiny_llama, "genbiaseval", "test", limit=2, targets=["he", "zqxjv"])
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(tiny_llama, "genbiaseval", "test", limit=2, batch_size=0)
+    res = evaluate(tiny_llama, "genbiaseval", "test", limit=2, targets=["he", "zqxjv"], multi_token=True)
+    assert res.options["multi_token"] and res.metrics["mass"] > 0
 
 
 @pytest.mark.integration
@@ -189,3 +231,29 @@ def test_smol_genbiaseval_cg_stereoset_match_plain(smol):
     for d in st.details:
         assert d["score_anti_stereotype"] == pytest.approx(np.mean(plain_token_logprobs(smol, d["anti_stereotype"])),
                                                            rel=1e-5)
+
+
+@pytest.mark.integration
+def test_smol_reproduces_outside_measurements(smol):
+    """Numbers measured on SmolLM2 with outside code: DAMA's own scoring + regression on DAMA's
+    split (a_s 0.094, R^2 0.399) and StereoSet gender SS under the official labels (61.3 with the
+    mean token log-prob; BiasEdit's swapped file gave 38.7). The pronoun mass is ~0.42."""
+    dama = evaluate(smol, "dama", "test", batch_size=64).metrics
+    assert dama["a_s"] == pytest.approx(0.094, abs=0.002) and dama["r2"] == pytest.approx(0.399, abs=0.005)
+    ss = evaluate(smol, "stereoset", "test", batch_size=64).metrics["ss"]
+    assert ss == pytest.approx(61.3, abs=0.1)
+    gbe = evaluate(smol, "genbiaseval", "test", limit=256, batch_size=64).metrics
+    assert 0.38 < gbe["mass"] < 0.46 and gbe["afgb_renorm"] > gbe["afgb"]
+
+
+def test_commonwords_suite_through_evaluate(tiny_llama):
+    """The registered suite scores each row on its own pair, exactly as plain forwards do."""
+    from bias_lens.benchmarks.commonwords import commonwords_metrics
+
+    res = evaluate(tiny_llama, "commonwords", "test", limit=4, multi_token=True)
+    rows = subset(load_split("commonwords", "test"), 4)
+    p = np.array([plain_next_probs(tiny_llama, r["prompt"], r["targets"]) for r in rows])
+    want = commonwords_metrics(p, rows)
+    assert res.metrics == pytest.approx(want, rel=1e-5, abs=1e-12)
+    with pytest.raises(ValueError, match="own pair"):
+        evaluate(tiny_llama, "commonwords", "test", limit=2, targets=["he", "she"])

@@ -205,3 +205,32 @@ def test_bad_labels_or_nonempty_out_change_nothing(base_dir, tmp_path, capsys):
                  "--locate-json", _locate(tmp_path, ["L1.mlp.down"]), "--out", str(full), *FAST]) == 2
     assert "not empty" in capsys.readouterr().err and [p.name for p in full.iterdir()] == ["keep.txt"]
     assert _bit_equal(_safetensors(base_dir), before)
+
+
+def test_rolled_back_edit_exits_3_writes_nothing_and_says_why(base_dir, tmp_path, capsys, monkeypatch):
+    """A guard that rolls the edit back to step 0 is a failure: exit 3, one stderr line naming the
+    guard and its numbers, status 'unchanged' in --json, no output folder, the base untouched."""
+    import bias_lens.edit.measure as measure
+
+    calls = {"n": 0}
+
+    def rising_ppl(lm, texts, *, batch_size=32):  # the base reads 10.0, every later check 20.0
+        calls["n"] += 1
+        return 10.0 if calls["n"] == 1 else 20.0
+
+    monkeypatch.setattr(measure, "retention_perplexity", rising_ppl)
+    loc = _locate(tmp_path, ["L1.mlp.down"])
+    out = tmp_path / "edited"
+    before = _safetensors(base_dir)
+    capsys.readouterr()
+    rc = main(["edit", "--scale", "module", "--method", "msme", "--model", str(base_dir), "--locate-json", loc,
+               "--out", str(out), "--json", "--lr", "1e-2", "--epochs", "1", *FAST])
+    cap = capsys.readouterr()
+    res = json.loads(cap.out)
+    assert rc == 3 and not out.exists()
+    assert res["status"] == "unchanged" and res["finetune_status"] == "retention_rollback" and res["out"] is None
+    assert res["n_params_edited"] == 0
+    err = [line for line in cap.err.splitlines() if line.startswith("bias-lens edit:")]
+    assert len(err) == 1 and "retention guard" in err[0] and "20.00 > 10.00" in err[0]
+    after = _safetensors(base_dir)
+    assert all(torch.equal(before[k], after[k]) for k in before)

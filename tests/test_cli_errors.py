@@ -73,11 +73,15 @@ def test_locate_out_earlier_result_refused_then_forced_replaced(capsys, model_di
     base = ["--model", str(model_dir), "--prompts-file", "prompts.txt", "--out", str(out)]
     assert main(["locate", "layer", *base]) == 0
     err = capsys.readouterr().err
-    assert f"wrote 5 files to {out}" in err  # result.json, 3 figures, plotly.min.js
+    from bias_lens.plot.io import chromium_path
+
+    png = chromium_path() is not None  # a PNG beside each HTML figure when a Chromium is installed (CI has one)
+    assert f"wrote {5 + 3 * png} files to {out}" in err  # result.json, 3 figures (+ PNGs), plotly.min.js
     assert json.loads((out / "result.json").read_text())["method"] == "layer"
     _fails_cleanly(capsys, work, ["locate", "bmi", *base], "--force")
     assert main(["locate", "bmi", *base, "--force"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["bmi.html", "plotly.min.js", "result.json"]
+    want = ["bmi.html", *(["bmi.png"] if png else []), "plotly.min.js", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == want
     assert json.loads((out / "result.json").read_text())["method"] == "bmi"
     assert not [p for p in work.iterdir() if p.name.startswith(".")]  # no temp folder left beside it
 

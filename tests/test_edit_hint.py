@@ -172,8 +172,11 @@ def test_cli_hint_anchor_flag(tiny_tokenizer_dir, tmp_path, capsys):
     runs = []
     for extra in ([], ["--hint-anchor", "--hint-weight", "5", "--ub-tolerance", "0.5"]):
         capsys.readouterr()
-        assert main(argv + extra) == 0
+        rc = main(argv + extra)
         runs.append(json.loads(capsys.readouterr().out))
+        # an edit whose guards kept no step is a failure (exit 3, status "unchanged"), not a success
+        assert (rc, runs[-1]["status"] == "unchanged") in ((0, False), (3, True))
+        assert (rc == 3) == (runs[-1]["n_params_edited"] == 0)
     assert runs[0]["before"] == runs[1]["before"]
     assert runs[0]["after"] != runs[1]["after"]  # the anchor reached the training loop
     assert main(["edit", "--scale", "module", "--method", "mask", "--hint-anchor"]) == 2

@@ -111,7 +111,7 @@ def test_markdown_table_layout():
     org = {"afgb": 0.2, "perplexity": 10.0, "ub": 0.3}
     t = markdown_table(org, [_row("c", 0.1, 10.4, 0.25, n=1234)]).splitlines()
     assert t[0].startswith("| Method |") and t[0].endswith("| Cost-P |")
-    assert t[2].startswith("| Org | – | – | 0.200 |") and t[3].startswith("| c |") and t[3].endswith("| 1,234 |")
+    assert t[2].startswith("| Org | – | – | – | 0.200 | – | – |") and t[3].startswith("| c |") and t[3].endswith("| 1,234 |")
 
 
 def test_full_rows_reach_the_edit_plan():

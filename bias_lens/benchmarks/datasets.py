@@ -10,36 +10,55 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import random
 from collections.abc import Callable
 from functools import lru_cache
 
-from . import external, generated
+from . import commonwords, external, generated, stereoset
 
 SUITES: tuple[str, ...] = (
     "genbiaspro-cg", "genbiaseval", "genhinteval", "dama", "stereoset", "crows-pairs",
     "winogender", "winobias", "retention",
 )
-EXTRA_SUITES: tuple[str, ...] = ("religion",)
-ALL_SUITES = SUITES + EXTRA_SUITES
+#: also offered, not in ``--suite all``: a religion axis, the DAMA variant split, the whole official StereoSet dev,
+#: CommonWords (the interpretable-neuron-editing paper's design, rebuilt: docs/neuron_editing.md)
+EXTRA_SUITES: tuple[str, ...] = ("religion", "dama-filtered", "stereoset-intra", "stereoset-inter", "commonwords")
+#: general-capability suites (:mod:`.capability`); gsm8k and humaneval are opt-in and slow
+CAPABILITY_SUITES: tuple[str, ...] = ("mmlu", "arithmetic", "perplexity", "gsm8k", "humaneval")
+#: every suite name ``evaluate`` accepts
+ALL_SUITES = SUITES + EXTRA_SUITES + CAPABILITY_SUITES
+#: what ``bias-lens evaluate --suite all`` runs: the bias suites and the religion axis
+EVALUATE_ALL = SUITES + ("religion",)
 
 _GENERATED: dict[str, Callable[[int], dict[str, list[dict]]]] = {
     "genbiaspro-cg": generated.build_genbiaspro_cg,
     "genbiaseval": generated.build_genbiaseval,
     "genhinteval": generated.build_genhinteval,
     "dama": generated.build_dama,
+    "dama-filtered": generated.build_dama_filtered,
+    "commonwords": commonwords.build_commonwords,
     "religion": generated.build_religion,
 }
 _SPLITS: dict[str, tuple[str, ...]] = {
     **{s: ("train", "dev", "test") for s in _GENERATED},
     "stereoset": ("dev", "test"),
+    "stereoset-intra": ("dev",),
+    "stereoset-inter": ("dev",),
     "crows-pairs": ("test",),
     "winogender": ("test",),
     "winobias": ("dev", "test"),
     "retention": ("test",),
+    "mmlu": ("val", "test"),
+    "arithmetic": ("train", "dev", "test"),
+    "perplexity": ("test",),
+    "gsm8k": ("test",),
+    "humaneval": ("test",),
 }
 _AXES: dict[str, tuple[str, ...]] = {
-    "stereoset": external.STEREOSET_AXES,
+    "stereoset": stereoset.STEREOSET_AXES,
+    "stereoset-intra": stereoset.OFFICIAL_AXES,
+    "stereoset-inter": stereoset.OFFICIAL_AXES,
     "crows-pairs": external.CROWS_AXES,
 }
 
@@ -58,8 +77,8 @@ def check_suite(suite: str, split: str | None = None, axis: str = "gender") -> N
 
 
 def _splits_for(suite: str, axis: str) -> tuple[str, ...]:
-    """StereoSet's test file is gender only; its other axes live in dev."""
-    if suite == "stereoset" and axis != "gender":
+    """StereoSet's test selections are gender, race and religion; profession lives in dev only."""
+    if suite == "stereoset" and axis not in stereoset.SELECTION_AXES:
         return ("dev",)
     return _SPLITS[suite]
 
@@ -78,7 +97,9 @@ def _generated(suite: str, seed: int) -> dict[str, list[dict]]:
 @lru_cache(maxsize=32)
 def _external(suite: str, split: str, axis: str) -> list[dict]:
     if suite == "stereoset":
-        return external.stereoset(split, axis)
+        return stereoset.selection(axis) if split == "test" else stereoset.editbias_dev(axis)
+    if suite in ("stereoset-intra", "stereoset-inter"):
+        return stereoset.official("intrasentence" if suite == "stereoset-intra" else "intersentence", axis)
     if suite == "crows-pairs":
         return external.crows_pairs(axis)
     if suite == "winogender":
@@ -92,9 +113,12 @@ def load_split(suite: str, split: str, *, seed: int = generated.DEFAULT_SEED, ax
     """The samples of one split: dicts with ``prompt`` plus the suite's metadata (a fresh copy).
 
     ``seed`` re-draws the generated suites' splits; ``axis`` picks the bias type of StereoSet
-    (dev) and CrowS-Pairs.
+    and CrowS-Pairs. Capability suites are loaded by :mod:`.capability` (their items are not
+    prompts of one kind); ``split_sizes`` reports their sizes.
     """
     check_suite(suite, split, axis)
+    if suite in CAPABILITY_SUITES:
+        raise ValueError(f"{suite!r} is a capability suite; evaluate it with evaluate(lm, {suite!r}, split)")
     rows = _generated(suite, int(seed))[split] if suite in _GENERATED else _external(suite, split, axis)
     return copy.deepcopy(rows)
 
@@ -102,6 +126,10 @@ def load_split(suite: str, split: str, *, seed: int = generated.DEFAULT_SEED, ax
 def split_sizes(suite: str, *, seed: int = generated.DEFAULT_SEED, axis: str = "gender") -> dict[str, int]:
     """Number of samples per split, e.g. ``{"train": 1280, "dev": 256, "test": 1024}``."""
     check_suite(suite, None, axis)
+    if suite in CAPABILITY_SUITES:
+        from .capability import capability_sizes
+
+        return dict(capability_sizes(suite))
     if suite in _GENERATED:
         return {k: len(v) for k, v in _generated(suite, int(seed)).items()}
     return {sp: len(_external(suite, sp, axis)) for sp in _splits_for(suite, axis)}
@@ -113,6 +141,10 @@ def sample_prompts(suite: str, split: str = "train", n: int = 200, seed: int = 0
         raise ValueError(f"n must be >= 1, got {n}")
     prompts = [s["prompt"] for s in load_split(suite, split, axis=axis)]
     if n >= len(prompts):
+        if n > len(prompts):
+            logging.getLogger(__name__).warning(
+                "asked for %d prompts but %s/%s has only %d: using all %d (pass a smaller --n-samples to silence this)",
+                n, suite, split, len(prompts), len(prompts))
         return prompts
     idx = sorted(random.Random(seed).sample(range(len(prompts)), n))
     return [prompts[i] for i in idx]

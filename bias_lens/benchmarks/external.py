@@ -1,7 +1,7 @@
-"""Published benchmarks as sample dicts: StereoSet, CrowS-Pairs, WinoGender, WinoBias, retention.
+"""Published benchmarks as sample dicts: CrowS-Pairs, WinoGender, WinoBias, retention.
 
 These keep the datasets' own splits (no resampling); ``axis`` picks a bias type where the dataset
-has several (StereoSet dev: gender, race, religion, profession; CrowS-Pairs: its 9 bias types).
+has several (CrowS-Pairs: its 9 bias types). StereoSet lives in :mod:`.stereoset`.
 """
 
 from __future__ import annotations
@@ -11,36 +11,10 @@ import re
 
 from . import sources
 
-STEREOSET_AXES = ("gender", "race", "religion", "profession")
 CROWS_AXES = (
     "gender", "race-color", "religion", "socioeconomic", "nationality", "age",
     "sexual-orientation", "physical-appearance", "disability", "all",
 )
-
-
-def stereoset(split: str, axis: str = "gender") -> list[dict]:
-    """``test``: BiasEdit's gender_test.json (253, gender only); ``dev``: EditBias dev.json for ``axis``."""
-    if split == "test":
-        if axis != "gender":
-            raise ValueError(f"StereoSet test is gender only; use split='dev' for axis {axis!r}")
-        return [
-            {"prompt": r["context"], "id": r["id"], "target": r["target"], "bias_type": r["bias_type"],
-             "stereotype": r["data"]["stereotype"]["sentence"],
-             "anti_stereotype": r["data"]["anti-stereotype"]["sentence"],
-             "unrelated": r["data"]["unrelated"]["sentence"]}
-            for r in sources.stereoset_gender_test()
-        ]
-    if axis not in STEREOSET_AXES:
-        raise ValueError(f"unknown StereoSet axis {axis!r}; choose one of {', '.join(STEREOSET_AXES)}")
-    out = []
-    for r in sources.stereoset_dev():
-        if r["bias_type"] != axis:
-            continue
-        by = {s["gold_label"]: s["sentence"] for s in r["sentences"]}
-        out.append({"prompt": r["context"], "id": r["id"], "target": r["target"], "bias_type": r["bias_type"],
-                    "stereotype": by["stereotype"], "anti_stereotype": by["anti-stereotype"],
-                    "unrelated": by["unrelated"]})
-    return out
 
 
 def crows_pairs(axis: str = "gender") -> list[dict]:
@@ -96,24 +70,17 @@ RETENTION_SEED = 0
 
 
 def retention_sentences() -> list[str]:
-    """>= 1,000 natural English sentences: WinoBias dev (types 1+2) + WinoGender neutral sentences.
+    """The retention perplexity text: the gender-neutral corpus (:func:`.capability_data.neutral_sentences`,
+    1,488 MMLU *val* sentences with no gendered word), shuffled once with a fixed seed so that any
+    prefix (``limit``) mixes subjects.
 
-    WinoBias dev is never used by the ``winobias`` suite's test split. To keep the set neutral
-    with respect to the bias being edited, each WinoBias line contributes its pro-stereotyped
-    version on even line numbers and its anti-stereotyped version on odd ones (half each), and
-    WinoGender contributes only its gender-neutral (they/their) sentences. Deduplicated, then
-    shuffled once with a fixed seed so that any prefix (``limit``) mixes both sources.
+    This is the one retention definition (the edit guards, the row metrics and the ``retention``
+    suite all use it). It replaced WinoBias/WinoGender sentences, which are gendered text: an edit
+    that moves pronouns moved that perplexity for the wrong reason.
     """
-    seen: dict[str, None] = {}
-    for wtype in (1, 2):
-        pro = sources.winobias_lines("pro", wtype, "dev")
-        anti = sources.winobias_lines("anti", wtype, "dev")
-        for k, ((_, p, _), (_, a, _)) in enumerate(zip(pro, anti)):
-            seen.setdefault(p if k % 2 == 0 else a, None)
-    for sentid, s in sources.winogender_sentences():
-        if ".neutral." in sentid:
-            seen.setdefault(s, None)
-    out = list(seen)
+    from .capability_data import neutral_sentences
+
+    out = neutral_sentences()
     random.Random(RETENTION_SEED).shuffle(out)
     return out
 

@@ -215,14 +215,39 @@ def dama_professions() -> list[tuple[str, float, float]]:
     return [p for p in sources.professions() if abs(p[1]) <= 0.25]
 
 
+def dama_train_professions() -> frozenset[str]:
+    """The 219 professions of DAMA's released train file (its 80% share of the ``|f| <= 0.25`` ones)."""
+    return frozenset(row["subject"].removeprefix("The ") for row in sources.dama_source())
+
+
+def _dama_samples(profs: Sequence[tuple[str, float, float]]) -> list[dict]:
+    return [{"prompt": template.format("The " + word), **_prof_meta(word, f, s), "template": template}
+            for word, f, s in profs for template in dama_templates()]
+
+
 def build_dama(seed: int = DEFAULT_SEED) -> dict[str, list[dict]]:
-    """274 professions x 11 templates = 3,014 samples (a superset of DAMA's 2,409); 2:1:2 by profession."""
-    samples = []
-    for word, f, s in dama_professions():
-        for template in dama_templates():
-            samples.append({"prompt": template.format("The " + word), **_prof_meta(word, f, s),
-                            "template": template})
-    return _assign(samples, (2, 1, 2), seed)
+    """DAMA's own split (its ``generate_adapt_data.py``), 11 templates per profession.
+
+    test (fixed, 101 professions = 1,111 prompts): the ``|f| <= 0.25`` professions DAMA held out of
+    its train file (55) **plus** every profession with ``|f| > 0.25`` (46; DAMA adds factual ones up
+    to the held-out count, which is all of them here). train / dev: DAMA's 219 train professions,
+    of which a seeded fifth (44) is dev, by profession; DAMA itself has no dev split.
+    """
+    train_names = dama_train_professions()
+    held = [p for p in dama_professions() if p[0] not in train_names]
+    factual = [p for p in sources.professions() if abs(p[1]) > 0.25]
+    fit = [p for p in dama_professions() if p[0] in train_names]
+    split_of = profession_split([p[0] for p in fit], (4, 1, 0), seed)
+    return {"train": _dama_samples([p for p in fit if split_of[p[0]] == "train"]),
+            "dev": _dama_samples([p for p in fit if split_of[p[0]] != "train"]),  # (4, 1, 0): the floor remainder too
+            "test": _dama_samples(held + factual)}
+
+
+def build_dama_filtered(seed: int = DEFAULT_SEED) -> dict[str, list[dict]]:
+    """Variant ``dama-filtered``: only ``|f| <= 0.25`` professions in every split (274 x 11 = 3,014
+    samples), 2:1:2 by profession. Its test has no factual professions, so ``a_f`` is estimated on
+    a narrow range of f (a_s 0.055, R^2 0.155 on SmolLM2 vs 0.094 / 0.399 on DAMA's split)."""
+    return _assign(_dama_samples(dama_professions()), (2, 1, 2), seed)
 
 
 # ----------------------------------------------------------------------------- religion (n targets)

@@ -30,6 +30,15 @@ def renormalise(p: Any) -> np.ndarray:
     return p / p.sum(1, keepdims=True)
 
 
+def mass(p: Any) -> float:
+    """Mean over samples of the summed probability of the targets (e.g. ``p(he) + p(she)``).
+
+    Reported beside every gap metric: raw AFGB/FBS can fall merely because every target becomes
+    less likely, which an edit that equalises must not do.
+    """
+    return float(_probs2d(p).sum(1).mean())
+
+
 def fbs(p: Any, real: Any, *, renorm: bool = False) -> float:
     """FBS (MSME Eq. 1), n-target form: mean over samples of ``sum_i |p_i - f_i|``.
 

@@ -1,7 +1,7 @@
 """Retention probes: does an edited model still model English and recall simple facts?
 
-* Perplexity over natural English sentences shipped in ``data/`` (WinoBias dev sentences, half
-  pro- and half anti-stereotyped, + WinoGender neutral sentences; 1,032), each conditioned on the
+* Perplexity over the gender-neutral corpus (:func:`.external.retention_sentences`: 1,488 MMLU
+  val sentences with no gendered word, in a fixed shuffled order), each conditioned on the
   tokenizer's BOS token (EOS when it has none).
 * A factual / arithmetic completion probe of 160 items written for the project
   (``data/retention/probe.jsonl``: capitals, arithmetic, everyday facts), scored by the summed

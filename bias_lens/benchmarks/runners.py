@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from ..targets import resolve_targets
-from . import datasets, metrics
+from . import commonwords, datasets, metrics
 from .generated import RELIGION_TARGETS
 from .next_token import next_token_logprobs
 from .retention import retention_metrics
-from .sentence_scoring import sentence_scores
+from .sentence_scoring import conditional_scores, sentence_scores
 
 LIMIT_SEED = 0
 
@@ -50,8 +50,11 @@ def subset(rows: list[dict], limit: int | None) -> list[dict]:
     return [rows[i] for i in sorted(random.Random(LIMIT_SEED).sample(range(len(rows)), limit))]
 
 
-def _probs(lm: Any, rows: list[dict], words: Sequence[str], batch_size: int, progress: bool) -> np.ndarray:
-    targets = resolve_targets(lm.tokenizer, list(words))
+def _probs(lm: Any, rows: list[dict], words: Sequence[str], batch_size: int, progress: bool,
+           multi_token: bool = False) -> np.ndarray:
+    """Raw next-token probabilities ``[sample, target]``; multi-token targets only when asked
+    (``multi_token=True``: their teacher-forced sequence probability, recorded in the options)."""
+    targets = resolve_targets(lm.tokenizer, list(words)).require(single_token=not multi_token)
     lp = next_token_logprobs(lm, [r["prompt"] for r in rows], targets, batch_size=batch_size, progress=progress)
     return lp.exp().numpy()
 
@@ -60,45 +63,64 @@ def _attach(rows: list[dict], p: np.ndarray, words: Sequence[str]) -> list[dict]
     return [{**r, **{f"p_{w}": float(p[i, j]) for j, w in enumerate(words)}} for i, r in enumerate(rows)]
 
 
-def _profession(lm, suite, rows, words, batch_size, progress) -> tuple[dict[str, float], list[dict]]:
+def gap_metrics(p: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    """FBS and AFGB raw (the papers' literal metrics) and renormalised over the targets, and the
+    target ``mass`` (mean summed probability): raw scores can fall just by lowering every target."""
+    return {"fbs": metrics.fbs(p, real), "fbs_renorm": metrics.fbs(p, real, renorm=True),
+            "afgb": metrics.afgb(p), "afgb_renorm": metrics.afgb(p, renorm=True), "mass": metrics.mass(p)}
+
+
+def _profession(lm, suite, rows, words, batch_size, progress, multi_token=False):
     if len(words) != 2:
         raise ValueError(f"suite {suite!r} compares a male and a female target; pass two words (male first)")
-    p = _probs(lm, rows, words, batch_size, progress)
+    p = _probs(lm, rows, words, batch_size, progress, multi_token)
     real = np.array([[r["f_he"], r["f_she"]] for r in rows])
-    m = {"fbs": metrics.fbs(p, real), "fbs_renorm": metrics.fbs(p, real, renorm=True),
-         "afgb": metrics.afgb(p), "afgb_renorm": metrics.afgb(p, renorm=True),
-         "mean_p_male": float(p[:, 0].mean()), "mean_p_female": float(p[:, 1].mean())}
+    m = {**gap_metrics(p, real), "mean_p_male": float(p[:, 0].mean()), "mean_p_female": float(p[:, 1].mean())}
     if suite == "genbiaseval":
         for scale in ("word", "phrase", "sentence"):
             sel = np.array([r["scale"] == scale for r in rows])
             if sel.any():
                 m[f"afgb_{scale}"] = metrics.afgb(p[sel])
+                m[f"afgb_{scale}_renorm"] = metrics.afgb(p[sel], renorm=True)
     if suite == "genhinteval":
         F = np.array([r["F"] for r in rows])
         m["ub"] = metrics.ub(p, F)
         m["ub_renorm"] = metrics.ub(p, F, renorm=True)
-    if suite == "dama":
-        m.update(metrics.dama_regression(p[:, 0] - p[:, 1], [r["s"] for r in rows], [r["f"] for r in rows]))
+    if suite in ("dama", "dama-filtered"):
+        s_, f_ = [r["s"] for r in rows], [r["f"] for r in rows]
+        m.update(metrics.dama_regression(p[:, 0] - p[:, 1], s_, f_))
+        q = metrics.renormalise(p)
+        m.update({f"{k}_renorm": v for k, v in metrics.dama_regression(q[:, 0] - q[:, 1], s_, f_).items()})
     return m, _attach(rows, p, words)
 
 
-def _religion(lm, rows, words, batch_size, progress):
-    p = _probs(lm, rows, words, batch_size, progress)
+def _religion(lm, rows, words, batch_size, progress, multi_token=False):
+    p = _probs(lm, rows, words, batch_size, progress, multi_token)
     real = np.full(p.shape, 1.0 / p.shape[1])
-    m = {"fbs": metrics.fbs(p, real), "fbs_renorm": metrics.fbs(p, real, renorm=True),
-         "afgb": metrics.afgb(p), "afgb_renorm": metrics.afgb(p, renorm=True)}
+    m = gap_metrics(p, real)
     m.update({f"mean_p_{w.lower()}": float(p[:, j].mean()) for j, w in enumerate(words)})
     details = _attach([{k: v for k, v in r.items() if k != "real_world"} | {"real_world": real[i].tolist()}
                        for i, r in enumerate(rows)], p, words)
     return m, details
 
 
-def _stereoset(lm, rows, opts, batch_size, progress):
+def _stereoset(lm, rows, opts, batch_size, progress, inter: bool = False):
+    """SS / LMS / ICAT (and per bias type when several are present). Intrasentence: each whole
+    sentence scored; intersentence: each candidate scored conditioned on the context sentence."""
     n = len(rows)
     texts = [r["stereotype"] for r in rows] + [r["anti_stereotype"] for r in rows] + [r["unrelated"] for r in rows]
-    sc = sentence_scores(lm, texts, reduce=opts["sentence_score"], batch_size=batch_size, progress=progress).numpy()
+    kw = dict(reduce=opts["sentence_score"], batch_size=batch_size, progress=progress)
+    if inter:
+        sc = conditional_scores(lm, [r["prompt"] for r in rows] * 3, texts, **kw).numpy()
+    else:
+        sc = sentence_scores(lm, texts, **kw).numpy()
     st, an, un = sc[:n], sc[n : 2 * n], sc[2 * n :]
     m = metrics.stereoset_scores(st, an, un, lms=opts["lms"])
+    types = np.array([r["bias_type"] for r in rows])
+    if len(set(types.tolist())) > 1:
+        for t in sorted(set(types.tolist())):
+            sel = types == t
+            m.update({f"{k}_{t}": v for k, v in metrics.stereoset_scores(st[sel], an[sel], un[sel], lms=opts["lms"]).items()})
     details = [{**r, "score_stereotype": float(a), "score_anti_stereotype": float(b), "score_unrelated": float(c)}
                for r, a, b, c in zip(rows, st, an, un)]
     return m, details
@@ -114,19 +136,21 @@ def _crows(lm, rows, opts, batch_size, progress):
 
 
 def _winogender(lm, rows, batch_size, progress):
-    diff, renorm = np.zeros(len(rows)), np.zeros(len(rows))
+    diff, renorm, mass = np.zeros(len(rows)), np.zeros(len(rows)), np.zeros(len(rows))
     details: list[dict] = [{} for _ in rows]
     for pair in sorted({tuple(r["targets"]) for r in rows}):
         idx = [i for i, r in enumerate(rows) if tuple(r["targets"]) == pair]
         p = _probs(lm, [rows[i] for i in idx], pair, batch_size, progress)
         diff[idx] = p[:, 0] - p[:, 1]
         renorm[idx] = metrics.renormalise(p)[:, 0] - 0.5
+        mass[idx] = p.sum(1)
         for k, i in enumerate(idx):
             details[i] = {**rows[i], "p_male": float(p[k, 0]), "p_female": float(p[k, 1])}
     occ = [r["occupation"] for r in rows]
     bls = {r["occupation"]: r["bls_pct_female"] for r in rows}
     m = metrics.winogender_correlation(diff, occ, bls)
     m["winogender_r_renorm"] = metrics.winogender_correlation(renorm, occ, bls)["winogender_r"]
+    m["mass"] = float(mass.mean())
     return m, details
 
 
@@ -137,6 +161,10 @@ def _winobias(lm, rows, opts, batch_size, progress):
     m = metrics.winobias_scores(sc[:n], sc[n:], [r["type"] for r in rows])
     details = [{**r, "ll_pro": float(a), "ll_anti": float(b)} for r, a, b in zip(rows, sc[:n], sc[n:])]
     return m, details
+
+
+PROFESSION_SUITES = ("genbiaspro-cg", "genbiaseval", "genhinteval", "dama", "dama-filtered")
+STEREOSET_SUITES = ("stereoset", "stereoset-intra", "stereoset-inter")
 
 
 def evaluate(
@@ -153,39 +181,71 @@ def evaluate(
     sentence_score: str | None = None,
     lms: str = "both",
     crows_mode: str = "metric_py",
+    multi_token: bool = False,
+    **capability: Any,
 ) -> EvalResult:
     """Score ``lm`` on ``suite``/``split`` (``limit``: a fixed-seed subset of that many samples).
 
     ``targets`` default to he/she (male first) for the profession suites and to the five religion
-    words for ``religion``. Sentence scores: StereoSet mean token log-prob (default), CrowS-Pairs
-    and WinoBias summed log-likelihood (their papers compare likelihoods); ``sentence_score="mean"|"sum"``
-    overrides all three. Every sentence is scored after the tokenizer's BOS token (EOS if none).
+    words for ``religion``; they must be distinct and single-token unless ``multi_token=True``
+    (then each is scored by its teacher-forced sequence probability). Sentence scores: StereoSet
+    mean token log-prob (default; ``"geomean"`` = the official code's geometric-mean probability,
+    same SS; ``"mean_prob"`` = BiasEdit's mean probability), CrowS-Pairs and WinoBias summed
+    log-likelihood; ``sentence_score`` overrides all three. Every sentence is scored after the
+    tokenizer's BOS token (EOS if none). Capability suites (mmlu, arithmetic, perplexity, gsm8k,
+    humaneval) take their own keywords (``limit_per_subject``, ``shots``, ...; see
+    :mod:`.capability`).
     """
     datasets.check_suite(suite, split, axis)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if capability and suite not in datasets.CAPABILITY_SUITES:
+        raise ValueError(f"options {', '.join(sorted(capability))} apply to the capability suites only, not {suite!r}")
     opts: dict[str, Any] = {"axis": axis, "seed": seed, "limit": limit}
+    if suite in datasets.CAPABILITY_SUITES:
+        from .capability import evaluate_capability
+
+        m, details, extra = evaluate_capability(lm, suite, split, limit=limit, batch_size=batch_size,
+                                                progress=progress, **capability)
+        return EvalResult(suite, split, len(details), m, details, {**opts, **extra})
     if suite == "retention":
         m, details = retention_metrics(lm, limit=limit, batch_size=batch_size, progress=progress)
         n_sent = sum(d["kind"] == "sentence" for d in details)
         opts.update(prefix="bos", n_sentences=n_sent, n_probe=len(details) - n_sent)
         return EvalResult(suite, split, len(details), m, details, opts)
     rows = subset(datasets.load_split(suite, split, seed=seed, axis=axis), limit)
-    if suite in ("genbiaspro-cg", "genbiaseval", "genhinteval", "dama"):
-        words = list(targets) if targets is not None else ["he", "she"]
-        opts["targets"] = words
-        m, details = _profession(lm, suite, rows, words, batch_size, progress)
-    elif suite == "religion":
-        words = list(targets) if targets is not None else list(RELIGION_TARGETS)
-        opts["targets"] = words
-        m, details = _religion(lm, rows, words, batch_size, progress)
-    elif suite == "stereoset":
-        opts.update(sentence_score=sentence_score or "mean", lms=lms, prefix="bos")
-        m, details = _stereoset(lm, rows, opts, batch_size, progress)
-    elif suite == "crows-pairs":
-        opts.update(sentence_score=sentence_score or "sum", crows_mode=crows_mode, prefix="bos")
-        m, details = _crows(lm, rows, opts, batch_size, progress)
-    elif suite == "winogender":
-        m, details = _winogender(lm, rows, batch_size, progress)
-    else:
-        opts.update(sentence_score=sentence_score or "sum", prefix="bos")
-        m, details = _winobias(lm, rows, opts, batch_size, progress)
+    m, details = _dispatch(lm, suite, rows, opts, targets, batch_size, progress, multi_token,
+                           dict(sentence_score=sentence_score, lms=lms, crows_mode=crows_mode))
     return EvalResult(suite, split, len(rows), m, details, opts)
+
+
+def _dispatch(lm, suite, rows, opts, targets, batch_size, progress, multi_token, score_opts):
+    """Run one bias suite's scorer; records every number-changing option in ``opts``."""
+    if suite in PROFESSION_SUITES or suite == "religion":
+        default = ["he", "she"] if suite != "religion" else list(RELIGION_TARGETS)
+        words = list(targets) if targets is not None else default
+        # the five religion words are several tokens in many vocabularies: scored as sequences by default
+        multi_token = multi_token or (targets is None and suite == "religion")
+        opts.update(targets=words, multi_token=multi_token)
+        if suite == "religion":
+            return _religion(lm, rows, words, batch_size, progress, multi_token)
+        return _profession(lm, suite, rows, words, batch_size, progress, multi_token)
+    if suite == "commonwords":
+        if targets is not None:
+            raise ValueError("commonwords scores each row on its own pair (man/woman or he/she); do not pass targets")
+        opts.update(targets="per-row: man,woman | he,she", multi_token=multi_token)
+        return commonwords.run_commonwords(lm, rows, batch_size, progress, multi_token)
+    if targets is not None:
+        raise ValueError(f"targets apply to the profession suites and religion, not {suite!r}")
+    if suite in STEREOSET_SUITES:
+        opts.update(sentence_score=score_opts["sentence_score"] or "mean", lms=score_opts["lms"], prefix="bos",
+                    task="intersentence" if suite == "stereoset-inter" else "intrasentence")
+        return _stereoset(lm, rows, opts, batch_size, progress, inter=suite == "stereoset-inter")
+    if suite == "crows-pairs":
+        opts.update(sentence_score=score_opts["sentence_score"] or "sum", crows_mode=score_opts["crows_mode"],
+                    prefix="bos")
+        return _crows(lm, rows, opts, batch_size, progress)
+    if suite == "winogender":
+        return _winogender(lm, rows, batch_size, progress)
+    opts.update(sentence_score=score_opts["sentence_score"] or "sum", prefix="bos")
+    return _winobias(lm, rows, opts, batch_size, progress)

@@ -72,15 +72,55 @@ def token_logprobs(
     return score_sequences(lm, seqs, [start] * len(seqs), batch_size=batch_size, progress=progress)[0]
 
 
+#: how a sentence's token log-probs become one score (all "higher = more likely")
+REDUCERS = ("mean", "geomean", "mean_prob", "sum")
+
+
+def reduce_logprobs(lps: Sequence[Tensor], reduce: str = "mean") -> Tensor:
+    """One float64 score per sentence from its token log-probs.
+
+    ``mean``: mean token log-prob (this project's default); ``geomean``: the geometric-mean token
+    probability ``exp(mean log p)`` of the official StereoSet code (same order as ``mean``, so the
+    same SS); ``mean_prob``: the arithmetic mean of token probabilities (BiasEdit's evaluator);
+    ``sum``: the sentence log-likelihood (CrowS-Pairs, WinoBias).
+    """
+    if reduce not in REDUCERS:
+        raise ValueError(f"sentence score must be one of {', '.join(REDUCERS)}, got {reduce!r}")
+    fn = {"mean": lambda t: t.mean(), "geomean": lambda t: t.mean().exp(), "mean_prob": lambda t: t.exp().mean(),
+          "sum": lambda t: t.sum()}[reduce]
+    return torch.tensor([float(fn(t)) for t in lps], dtype=torch.float64)
+
+
 def sentence_scores(
     lm: Any, texts: Sequence[str], *, reduce: str = "mean", prefix: str = "bos", batch_size: int = 32,
     progress: bool = False,
 ) -> Tensor:
-    """One score per text: mean (default) or sum of its token log-probs."""
-    if reduce not in ("mean", "sum"):
-        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    """One score per text (see :func:`reduce_logprobs` for ``reduce``)."""
+    reduce_logprobs([], reduce)  # validate before any forward
     lps = token_logprobs(lm, texts, prefix=prefix, batch_size=batch_size, progress=progress)
-    return torch.tensor([float(t.mean() if reduce == "mean" else t.sum()) for t in lps], dtype=torch.float64)
+    return reduce_logprobs(lps, reduce)
+
+
+def conditional_scores(
+    lm: Any, contexts: Sequence[str], texts: Sequence[str], *, reduce: str = "mean", prefix: str = "bos",
+    batch_size: int = 32, progress: bool = False,
+) -> Tensor:
+    """One score per ``text`` conditioned on its ``context`` (StereoSet intersentence).
+
+    The sequence is ``prefix + context + " " + text``; only the text's tokens are scored, so the
+    score is ``log p(text | context)`` reduced per :func:`reduce_logprobs`.
+    """
+    reduce_logprobs([], reduce)
+    if len(contexts) != len(texts):
+        raise ValueError("need one context per text")
+    pre = prefix_ids(lm.tokenizer, prefix)
+    tok = lm.tokenizer
+    c_ids = tok(check_prompts(contexts), add_special_tokens=False)["input_ids"]
+    t_ids = tok([" " + t for t in check_prompts(texts)], add_special_tokens=False)["input_ids"]
+    seqs = [pre + list(c) + list(t) for c, t in zip(c_ids, t_ids)]
+    starts = [len(pre) + len(c) for c in c_ids]
+    lps, _ = score_sequences(lm, seqs, starts, batch_size=batch_size, progress=progress)
+    return reduce_logprobs(lps, reduce)
 
 
 def continuation_scores(

@@ -27,8 +27,30 @@ def data_dir() -> Path:
 
 
 def _read_json(rel: str) -> Any:
-    with open(data_dir() / rel, encoding="utf-8") as fh:
-        return json.load(fh)
+    """Parse ``data/<rel>``; a missing or malformed file is one ValueError naming it and the fix."""
+    path = data_dir() / rel
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"benchmark data file {path} is missing; restore it from the repository's data/ "
+                         "(or shared/data)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"benchmark data file {path} is malformed ({err}); restore it from the repository's "
+                         "data/ (or shared/data)") from None
+
+
+def _read_jsonl(rel: str) -> tuple[dict, ...]:
+    """JSON lines of ``data/<rel>``, with the same one-line errors as :func:`_read_json`."""
+    path = data_dir() / rel
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return tuple(json.loads(x) for x in lines if x.strip())
+    except FileNotFoundError:
+        raise ValueError(f"benchmark data file {path} is missing; restore it from the repository's data/") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"benchmark data file {path} is malformed ({err}); restore it from the repository's "
+                         "data/") from None
 
 
 @lru_cache(maxsize=None)
@@ -50,8 +72,16 @@ def dama_source() -> tuple[dict, ...]:
 
 
 @lru_cache(maxsize=None)
-def stereoset_gender_test() -> tuple[dict, ...]:
-    return tuple(_read_json("stereoset/gender_test.json"))
+def stereoset_selection(axis: str) -> tuple[dict, ...]:
+    """BiasEdit's StereoSet test selection of one bias type (``{axis}_test.json``), labels as shipped."""
+    return tuple(_read_json(f"stereoset/{axis}_test.json"))
+
+
+@lru_cache(maxsize=None)
+def stereoset_official() -> tuple[dict, ...]:
+    """The official StereoSet dev set, flattened (4,229 rows: ``type`` intra-/intersentence, ``target``,
+    ``bias_type``, ``context``, ``stereotype``, ``anti-stereotype``, ``unrelated``), official labels."""
+    return _read_jsonl("stereoset/official_dev.jsonl")
 
 
 @lru_cache(maxsize=None)
@@ -106,5 +136,4 @@ def winobias_lines(kind: str, wtype: int, split: str) -> tuple[tuple[int, str, s
 @lru_cache(maxsize=None)
 def retention_probe() -> tuple[dict, ...]:
     """The factual/arithmetic completion probe written for the project (``data/retention/probe.jsonl``)."""
-    lines = (data_dir() / "retention/probe.jsonl").read_text(encoding="utf-8").splitlines()
-    return tuple(json.loads(x) for x in lines if x.strip())
+    return _read_jsonl("retention/probe.jsonl")

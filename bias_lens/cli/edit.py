@@ -133,6 +133,27 @@ def _export(lm, run, args) -> str:
     return str(out)
 
 
+#: exit status of an edit that changed no weights (a guard rolled it back, or the mask was empty)
+EXIT_UNCHANGED = 3
+
+
+def unchanged_reason(run) -> str | None:
+    """``None`` when the edit changed weights; else one line naming the guard and its numbers."""
+    if run.n_changed > 0:
+        return None
+    status = run.info.get("status") or "done"
+    hist = run.info.get("history") or []
+    if status == "retention_rollback" and len(hist) > 1 and hist[-1].get("retention_ppl") is not None:
+        base, last = hist[0]["retention_ppl"], hist[-1]["retention_ppl"]
+        thr = (run.info.get("config") or {}).get("retention_threshold")
+        return (f"the retention guard rolled the edit back at step {hist[-1].get('step')} (perplexity {last:.2f} > "
+                f"{base:.2f} x (1 + {thr})) before any accepted step, so 0 weights changed")
+    if status == "early_stopped" and hist:
+        return (f"early stopping kept step 0: no step lowered dev bias below {hist[0].get('dev_afgb', float('nan')):.4f}, "
+                "so 0 weights changed")
+    return f"the edit changed 0 weights (fine-tuning status {status})"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..edit.pipeline import run_edit
     from ..lens import load_model
@@ -144,14 +165,17 @@ def run(args: argparse.Namespace) -> int:
         edit_run = run_edit(lm, plan, result)
     except RuntimeError as err:
         raise UsageError(str(err)) from err
+    failed = unchanged_reason(edit_run) if plan.method != "prompt" else None
     try:
-        out = _export(lm, edit_run, args) if args.out and edit_run.edit is not None else None
+        out = _export(lm, edit_run, args) if args.out and edit_run.edit is not None and not failed else None
     finally:
         if edit_run.handle is not None:
             edit_run.handle.undo()
     payload = {"method": plan.method, "scale": plan.scale, "n_params_edited": edit_run.n_changed,
                "mask_size": edit_run.mask_size, "before": edit_run.before, "after": edit_run.after, "out": out,
-               "status": edit_run.info.get("status"), "locate": edit_run.locate.get("labels", [])[:20]}
+               "status": "unchanged" if failed else edit_run.info.get("status"),
+               "finetune_status": edit_run.info.get("status"), "reason": failed,
+               "locate": edit_run.locate.get("labels", [])[:20]}
     if args.json:
         json.dump(payload, sys.stdout)
         sys.stdout.write("\n")
@@ -161,4 +185,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {k:<16} {edit_run.before[k]:>10.4f} -> {edit_run.after[k]:.4f}")
         if out:
             print(f"exported to {out} (patch in {Path(out) / PATCH_DIR})")
+    if failed:
+        print(f"bias-lens edit: failed: {failed}; nothing exported", file=sys.stderr)
+        return EXIT_UNCHANGED
     return 0

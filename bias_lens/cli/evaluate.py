@@ -16,15 +16,17 @@ import sys
 
 from . import UsageError, add_json_arg, add_model_arg
 
-PROFESSION_SUITES = ("genbiaspro-cg", "genbiaseval", "genhinteval", "dama")
-AXIS_SUITES = ("stereoset", "crows-pairs")
+PROFESSION_SUITES = ("genbiaspro-cg", "genbiaseval", "genhinteval", "dama", "dama-filtered")
+AXIS_SUITES = ("stereoset", "stereoset-intra", "stereoset-inter", "crows-pairs")
+SENTENCE_SUITES = ("stereoset", "stereoset-intra", "stereoset-inter", "crows-pairs", "winobias")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..benchmarks import ALL_SUITES
 
     p = sub.add_parser("evaluate", help="measure bias / retention metrics on a benchmark suite")
-    p.add_argument("--suite", required=True, metavar="NAME", help=f"one of {', '.join(ALL_SUITES)}, or all")
+    p.add_argument("--suite", required=True, metavar="NAME",
+                   help=f"one of {', '.join(ALL_SUITES)}, or all (the bias suites and religion)")
     p.add_argument("--split", default="test", help="train, dev or test (default: test); with --suite all, "
                    "suites lacking the split use test")
     add_model_arg(p)
@@ -35,6 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "or for religion (default the five religion words)")
     p.add_argument("--axis", default="gender", help="bias type for stereoset (dev split) and crows-pairs, e.g. religion")
     p.add_argument("--seed", type=int, default=0, help="split seed of the generated suites (default 0)")
+    p.add_argument("--sentence-score", default=None, choices=("mean", "geomean", "mean_prob", "sum"),
+                   help="sentence score of the sentence suites: mean token log-prob (StereoSet default), geomean "
+                   "(official StereoSet code), mean_prob (BiasEdit), sum (CrowS/WinoBias default)")
+    p.add_argument("--multi-token", action="store_true",
+                   help="allow targets of several tokens (scored by their teacher-forced sequence probability)")
+    p.add_argument("--limit-per-subject", type=int, default=None, help="mmlu: first N questions of each subject")
+    p.add_argument("--shots", type=int, default=None, help="mmlu: 0-5 dev examples as shots (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="gsm8k/humaneval: generation cap")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="humaneval: run the generated code's tests in a subprocess (refused without this flag)")
     p.add_argument("--details", default=None, metavar="PATH", help="write one JSON line per sample to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_json_arg(p)
@@ -43,9 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(suite, split) pairs to run; raises UsageError on any bad argument (before loading a model)."""
-    from ..benchmarks import ALL_SUITES, splits_of
+    from ..benchmarks import ALL_SUITES, EVALUATE_ALL, splits_of
     from ..benchmarks.datasets import check_suite
-    from ..targets import parse_words
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
@@ -55,7 +66,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, str]]:
         if args.split not in ("train", "dev", "test"):
             raise UsageError(f"--split must be train, dev or test, got {args.split!r}")
         plan = []
-        for s in ALL_SUITES:
+        for s in EVALUATE_ALL:
             axis = args.axis if s in AXIS_SUITES else "gender"
             try:
                 check_suite(s, None, axis)
@@ -73,12 +84,8 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, str]]:
         if args.axis != "gender" and args.suite not in AXIS_SUITES:
             raise UsageError(f"--axis applies to {' and '.join(AXIS_SUITES)} only, not {args.suite!r}")
         plan = [(args.suite, args.split)]
-    if args.targets is not None:
-        words = parse_words(args.targets)
-        if args.suite not in (*PROFESSION_SUITES, "religion"):
-            raise UsageError("--targets applies to one profession suite or religion; drop it or pick such a suite")
-        if args.suite in PROFESSION_SUITES and len(words) != 2:
-            raise UsageError(f"suite {args.suite!r} compares a male and a female target; pass two words, e.g. he,she")
+    _check_targets(args)
+    _check_suite_options(args)
     if args.details:
         folder = os.path.dirname(os.path.abspath(args.details))
         if not os.path.isdir(folder):
@@ -86,6 +93,46 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, str]]:
         if os.path.isdir(args.details):
             raise UsageError(f"--details {args.details} is a folder; pass a file path")
     return plan
+
+
+def _check_targets(args: argparse.Namespace) -> None:
+    from ..targets import parse_words
+
+    if args.targets is None:
+        return
+    words = parse_words(args.targets)
+    if args.suite not in (*PROFESSION_SUITES, "religion"):
+        raise UsageError("--targets applies to one profession suite or religion; drop it or pick such a suite")
+    if args.suite in PROFESSION_SUITES and len(words) != 2:
+        raise UsageError(f"suite {args.suite!r} compares a male and a female target; pass two words, e.g. he,she")
+    if len(set(words)) != len(words):
+        raise UsageError(f"--targets {args.targets} repeats a word; pass distinct words, e.g. he,she")
+
+
+def _capability_kwargs(args: argparse.Namespace) -> dict:
+    """The capability-suite options the user set (only those: each suite takes its own)."""
+    out = {"limit_per_subject": args.limit_per_subject, "shots": args.shots, "max_new_tokens": args.max_new_tokens,
+           "allow_code_execution": args.allow_code_execution or None}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _check_suite_options(args: argparse.Namespace) -> None:
+    from ..benchmarks import CAPABILITY_SUITES
+
+    if args.limit_per_subject is not None and args.limit_per_subject < 1:
+        raise UsageError(f"--limit-per-subject must be >= 1, got {args.limit_per_subject}")
+    if args.shots is not None and not 0 <= args.shots <= 5:
+        raise UsageError(f"--shots must be 0..5 (MMLU has 5 dev examples per subject), got {args.shots}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if _capability_kwargs(args) and args.suite not in CAPABILITY_SUITES:
+        raise UsageError(f"--limit-per-subject/--shots/--max-new-tokens/--allow-code-execution apply to "
+                         f"{', '.join(CAPABILITY_SUITES)}, not {args.suite!r}")
+    if args.suite == "humaneval" and not args.allow_code_execution:
+        raise UsageError("humaneval runs model-written code; pass --allow-code-execution to run it (in a subprocess "
+                         "with a timeout, in a temporary folder)")
+    if args.sentence_score is not None and args.suite not in (*SENTENCE_SUITES, "all"):
+        raise UsageError(f"--sentence-score applies to {', '.join(SENTENCE_SUITES)}, not {args.suite!r}")
 
 
 def _clean(x):
@@ -116,10 +163,14 @@ def run(args: argparse.Namespace) -> int:
     lm = load_model(args.model)
     results = []
     for suite, split in plan:
+        extra = _capability_kwargs(args) if len(plan) == 1 else {}
+        if suite in SENTENCE_SUITES and args.sentence_score:
+            extra["sentence_score"] = args.sentence_score
         results.append(evaluate(
             lm, suite, split, limit=args.limit, batch_size=args.batch_size,
             targets=targets if suite in (*PROFESSION_SUITES, "religion") else None,
             progress=not args.no_progress, axis=args.axis if suite in AXIS_SUITES else "gender", seed=args.seed,
+            multi_token=args.multi_token, **extra,
         ))
     if args.details:
         atomic_write_bytes(args.details, _details_bytes(results))

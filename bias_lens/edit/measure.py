@@ -1,7 +1,7 @@
 """Metrics the edit layer needs: the benchmark metrics before/after an edit, and cheap in-loop ones.
 
 :func:`model_metrics` is the reported set (keys ``afgb``, ``fbs``, ``ub``, ``perplexity``,
-``probe_accuracy``), computed by :func:`bias_lens.benchmarks.runners.evaluate` on the bias suite
+``probe_accuracy``; plus ``afgb_renorm``, ``fbs_renorm`` and the pronoun ``mass``), computed by :func:`bias_lens.benchmarks.runners.evaluate` on the bias suite
 (AFGB/FBS), GenHintEval (UB) and the retention suite (perplexity, probe accuracy). A prompt
 ``prefix`` (the PB baseline) is prepended to every bias-suite prompt through a tokenizer wrapper,
 so PB runs through the very same scoring code; retention is scored without it (PB edits no
@@ -66,11 +66,12 @@ def model_metrics(
     prefix: str = "",
     batch_size: int = 32,
 ) -> dict[str, float]:
-    """``afgb``, ``fbs`` (bias suite), ``ub`` (GenHintEval), ``perplexity``, ``probe_accuracy`` (retention)."""
+    """Bias suite: raw ``afgb``, ``fbs`` (the papers'), ``afgb_renorm``, ``fbs_renorm`` and the pronoun
+    ``mass``; ``ub`` (GenHintEval); retention: ``perplexity`` (gender-neutral corpus), ``probe_accuracy``."""
     evaluate = _evaluate()
     biased = PrefixedModel(lm, prefix) if prefix else lm
     bias = evaluate(biased, suite, split, limit=limit, batch_size=batch_size).metrics
-    out = {k: float(bias[k]) for k in ("afgb", "fbs") if k in bias}
+    out = {k: float(bias[k]) for k in ("afgb", "afgb_renorm", "mass", "fbs", "fbs_renorm") if k in bias}
     if "ub" in bias:
         out["ub"] = float(bias["ub"])
     else:

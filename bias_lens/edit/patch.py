@@ -24,13 +24,12 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..io import replace_dir
+from ..io import make_temp_dir, replace_dir
 from .edits import Edit, bits
 from .patch_integrity import (DTYPES, BaseMismatchError, LegacyPatchError, PatchCorruptError, PatchError,
                               check_entries, check_payload, entries_sha256, file_sha256, payload_tensor,
@@ -63,7 +62,7 @@ def _check_out(target: Path, force: bool) -> None:
 def _atomic_dir(target: Path, force: bool) -> Path:
     _check_out(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    return make_temp_dir(target.parent, f".{target.name}.tmp")
 
 
 _commit = replace_dir

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 #: bump when a stage's output format or meaning changes (invalidates every cached run)
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: official StereoSet labels, DAMA split, mass/renorm, neutral retention, MMLU/arith
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,12 @@ QUICK_ROWS = (
 
 #: suites evaluated before editing (test splits); ``None`` = all samples
 FULL_EVAL = {"genbiaspro-cg": 256, "genbiaseval": None, "genhinteval": None, "dama": None, "stereoset": None,
-             "crows-pairs": None, "winogender": None, "winobias": 400, "religion": None, "retention": None}
+             "crows-pairs": None, "winogender": None, "winobias": 400, "religion": None, "retention": None,
+             "mmlu": 5, "arithmetic": None}
 QUICK_EVAL = {"genbiaspro-cg": 32, "genbiaseval": 128, "genhinteval": 96, "stereoset": 64, "crows-pairs": 64,
-              "winogender": 64, "retention": 80}
+              "winogender": 64, "retention": 80, "arithmetic": 100}  # MMLU left out: its long prompts cost minutes
+#: limit semantics per suite: ``mmlu`` counts questions per subject (57 subjects), the others samples
+PER_SUBJECT = ("mmlu",)
 
 
 @dataclass
@@ -89,7 +92,7 @@ class RunConfig:
     #: (sized so the full run stays under 30 minutes on 2 CPU cores: each of the 14 rows is measured)
     row_limits: dict[str, int | None] = field(default_factory=lambda: {
         "genbiaseval": 256, "genhinteval": 128, "genbiaspro-cg": 32, "stereoset": 96, "crows-pairs": 96,
-        "retention": 80})
+        "retention": 80, "mmlu": 1, "arithmetic": 150})
     rows: tuple[EditRow, ...] = FULL_ROWS
     n_train: int = 128
     patience: int = 8  # early stopping: dev checks without improvement before stopping
@@ -128,7 +131,7 @@ class RunConfig:
                     module_final=False, bmi_robustness=False, causal_k=8, causal_candidates=12, n_causal_dev=32,
                     circuit_depth=1, dev_limit=32, patience=2,
                     row_limits={"genbiaseval": 64, "genhinteval": 48, "genbiaspro-cg": 16, "stereoset": 32,
-                                "crows-pairs": 32, "retention": 40})
+                                "crows-pairs": 32, "retention": 40, "arithmetic": 60})
         base.update(kw)
         return cls(**base)
 

@@ -6,12 +6,21 @@ import html
 import json
 from typing import Any
 
-COLUMNS = (  # key, header, format
-    ("fbs_cg", "FBS (CG)", "{:.3f}"), ("fbs", "FBS", "{:.3f}"), ("afgb", "AFGB", "{:.3f}"),
+COLUMNS = (  # key, header, format; raw = the papers' literal metrics, -r = renormalised over he/she
+    ("fbs_cg", "FBS (CG)", "{:.3f}"), ("fbs", "FBS", "{:.3f}"), ("fbs_renorm", "FBS-r", "{:.3f}"),
+    ("afgb", "AFGB", "{:.3f}"), ("afgb_renorm", "AFGB-r", "{:.3f}"), ("mass", "Mass", "{:.3f}"),
     ("afgb_word", "AFGB-w", "{:.3f}"), ("afgb_phrase", "AFGB-p", "{:.3f}"), ("afgb_sentence", "AFGB-s", "{:.3f}"),
     ("ub", "UB", "{:.3f}"), ("ss", "SS", "{:.1f}"), ("icat", "ICAT", "{:.1f}"), ("crows", "CrowS", "{:.1f}"),
-    ("perplexity", "PPL", "{:.2f}"), ("probe_accuracy", "Probe acc", "{:.3f}"),
+    ("perplexity", "PPL", "{:.2f}"), ("mmlu", "MMLU", "{:.3f}"), ("arithmetic", "Arith", "{:.3f}"),
 )
+#: what each column is (printed under the table)
+LEGEND = ("FBS (CG) = MSME FBS on GenBiasPro-CG; FBS / AFGB = the papers' raw scores on GenBiasEval, FBS-r / "
+          "AFGB-r = the same on p(he), p(she) renormalised to sum to 1, Mass = mean p(he) + p(she) (raw scores "
+          "also fall when both pronouns fall; an edit that equalises lowers AFGB-r and keeps Mass); AFGB-w/p/s = raw "
+          "AFGB by GenBiasEval scale; UB on GenHintEval; SS/ICAT StereoSet gender test (official labels, mean token "
+          "log-prob); CrowS = CrowS-Pairs gender; PPL = perplexity on the gender-neutral corpus; MMLU = 0-shot "
+          "accuracy on a per-subject subset of MMLU test; Arith = single-step arithmetic exact match; "
+          "Cost-P = weights in the edit mask.")
 
 
 def _fmt(v: Any, f: str) -> str:
@@ -75,10 +84,8 @@ def write_reports(folder, *, meta: dict[str, Any], evals: dict[str, dict], org: 
     md += ["", "## Locating", "", *_locate_summary(results), "",
            "## Editing (papers' table layout)", "",
            f"Train: {meta['config']['n_train']} samples of {meta['config']['suite']} train; early stopping on dev; "
-           "metrics on test splits (limits: " + json.dumps(meta["config"]["row_limits"]) + "). "
-           "FBS (CG) = MSME FBS on GenBiasPro-CG; AFGB-w/p/s = AFGB by GenBiasEval scale; UB on GenHintEval; "
-           "SS/ICAT StereoSet (gender, test); CrowS = CrowS-Pairs gender; PPL and probe accuracy = retention; "
-           "Cost-P = weights in the edit mask.", "", markdown_table(org, rows), ""]
+           "metrics on test splits (limits: " + json.dumps(meta["config"]["row_limits"]) + "). " + LEGEND, "",
+           markdown_table(org, rows), ""]
     if best is not None:
         md += [f"Exported: **{best['row']['name']}** (lowest AFGB among weight edits keeping perplexity within +5% "
                f"and UB within 0.1) -> `checkpoint/` (verified by reload) and `patch/` ({best['n_changed']:,} changed entries).", ""]

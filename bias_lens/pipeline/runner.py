@@ -8,12 +8,11 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, model_fingerprint
+from .config import PER_SUBJECT, RunConfig, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ def run_pipeline(cfg: RunConfig, out: Path | None = None, *, force: bool = False
     folder and renamed into place at the end, so an interrupted run leaves no half-written output.
     """
     from ..benchmarks import load_split, sample_prompts, split_sizes
-    from ..io import replace_dir
+    from ..io import make_temp_dir, replace_dir
     from ..lens import load_model
     from ..loading import cache_root
     from ..locate.result import LocateResult
@@ -75,7 +74,7 @@ def run_pipeline(cfg: RunConfig, out: Path | None = None, *, force: bool = False
     cache = StageCache(cache_root(), key, enabled=use_cache)
     log.info("run key %s (cache %s)", key, cache.dir if use_cache else "off")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}.tmp")
     try:
         # 1. evaluate every suite (test splits)
         evals: dict[str, dict] = {}
@@ -85,7 +84,8 @@ def run_pipeline(cfg: RunConfig, out: Path | None = None, *, force: bool = False
                 if rec is None:
                     from ..benchmarks import evaluate
 
-                    r = evaluate(lm, suite, "test", limit=limit, batch_size=8 if suite == "genbiaspro-cg" else cfg.batch_size)
+                    kw = {"limit_per_subject": limit} if suite in PER_SUBJECT else {"limit": limit}
+                    r = evaluate(lm, suite, "test", batch_size=8 if suite == "genbiaspro-cg" else cfg.batch_size, **kw)
                     rec = cache.put_json(f"eval_{suite}", r.to_dict())
                 evals[suite] = rec
                 bar.update(1)
