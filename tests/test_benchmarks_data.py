@@ -164,12 +164,8 @@ def test_dama_split_is_damas_own():
     factual = {w for w, f in every.items() if abs(f) > 0.25}
     assert (len(held), len(factual)) == (55, 46) and profs["test"] == held | factual
     test = load_split("dama", "test")
-    assert len(test) == 101 * 11 and {r["prompt"] for r in test}.isdisjoint(r["prompt"] for r in src_rows())
+    assert len(test) == 101 * 11 and {r["prompt"] for r in test}.isdisjoint(r["prompt"] for r in sources.dama_source())
     assert len(profs["dev"]) == 44  # a seeded fifth of the train professions (DAMA has no dev)
-
-
-def src_rows():
-    return sources.dama_source()
 
 
 def _official_by_sentence() -> dict[str, dict]:
