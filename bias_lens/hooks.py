@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .arch import get_submodule, parse_hook_name, tl_hook_name
+from .arch import hf_hook_target, parse_hook_name, tl_hook_name
 
 
 @dataclass(frozen=True)
@@ -90,20 +90,9 @@ def _fwd_hook(fn: HookFn, info: HookInfo) -> Callable:
 
 
 def _hf_target(lm: Any, layer: int, kind: str) -> tuple[torch.nn.Module, str]:
-    """Module and hook type ('pre', 'fwd', 'pre_ro') implementing a hook point on the HF model."""
-    block = lm.block(layer)
-    arch = lm.arch
-    table = {
-        "resid_pre": (block, "pre"),
-        "resid_post": (block, "fwd"),
-        "resid_mid": (get_submodule(block, arch.ln2), "pre_ro"),
-        "attn.out": (get_submodule(block, arch.attn), "fwd"),
-        "attn.z": (get_submodule(block, arch.module("attn.o").path), "pre"),
-        "mlp.in": (get_submodule(block, arch.mlp), "pre"),
-        "mlp.post": (get_submodule(block, arch.module("mlp.down").path), "pre"),
-        "mlp.out": (get_submodule(block, arch.mlp), "fwd"),
-    }
-    return table[kind]
+    """Module and hook type ('pre', 'fwd', 'pre_ro') implementing a hook point on the HF model
+    (the table is the architecture row's ``hf_hooks``)."""
+    return hf_hook_target(lm.hf, f"L{layer}.{kind}")
 
 
 @contextlib.contextmanager
@@ -250,3 +239,28 @@ def add_vector(vectors: Mapping[str, Tensor]) -> list[Hook]:
         return t + vectors[hook.name].to(t)
 
     return [(p, add) for p in vectors]
+
+
+# --------------------------------------------------------------------------- raw module hooks
+@contextlib.contextmanager
+def module_hooks(
+    forward: Iterable[tuple[Any, Callable]] = (), pre: Iterable[tuple[Any, Callable]] = ()
+) -> Iterator[None]:
+    """Install raw torch hooks on HF modules for the block; always removed afterwards.
+
+    For observers that need what :func:`apply_hooks`' tensor hook points do not give: a block's
+    call arguments, an attention module's probability output. ``forward``: ``(module, fn)`` with
+    ``fn(module, args, kwargs, output)``; ``pre``: ``(module, fn)`` with ``fn(module, args, kwargs)``
+    (both registered ``with_kwargs=True``; a return value other than None replaces the output /
+    the ``(args, kwargs)`` as torch defines).
+    """
+    handles = []
+    try:
+        for module, fn in pre:
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        for module, fn in forward:
+            handles.append(module.register_forward_hook(fn, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

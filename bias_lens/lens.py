@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,7 +27,18 @@ from torch import nn
 from .arch import ArchSpec, arch_for, get_submodule, param_ref
 from .loading import load_hf
 
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
 log = logging.getLogger(__name__)
+
+
+def _row_module(path_field: str, doc: str | None = None) -> property:
+    """A read-only property: the HF submodule at the architecture row's ``path_field`` path."""
+    def get(self: LensModel) -> nn.Module:
+        return get_submodule(self.hf, getattr(self.arch, path_field))
+
+    return property(get, doc=doc or f"The HF module at the architecture row's ``{path_field}`` path.")
 
 
 class LensModel:
@@ -45,50 +56,50 @@ class LensModel:
     # ------------------------------------------------------------------ structure
     @property
     def config(self) -> Any:
+        """The HF model's config."""
         return self.hf.config
 
-    @property
-    def layers(self) -> nn.ModuleList:
-        return get_submodule(self.hf, self.arch.layers)  # type: ignore[return-value]
+    #: the block list (``ModuleList``) at the row's ``layers`` path
+    layers = _row_module("layers")
 
     @property
     def n_layers(self) -> int:
+        """Number of transformer blocks."""
         return len(self.layers)
 
     @property
     def d_model(self) -> int:
+        """Residual stream width (the embedding's second dimension)."""
         return self.embed.weight.shape[1]
 
     @property
     def d_mlp(self) -> int:
+        """MLP hidden width (number of neurons per layer), read from the down projection."""
         w = get_submodule(self.layers[0], self.arch.module("mlp.down").path).weight
         return w.shape[0] if self.arch.module("mlp.down").transposed else w.shape[1]
 
     @property
     def d_vocab(self) -> int:
+        """Vocabulary size (rows of the unembedding)."""
         return self.unembed.weight.shape[0]
 
     @property
     def n_heads(self) -> int:
+        """Number of attention (query) heads."""
         return int(getattr(self.config, self.arch.n_heads_attr))
 
     @property
     def d_head(self) -> int:
+        """Width of one attention head (``head_dim`` or ``d_model // n_heads``)."""
         return int(getattr(self.config, "head_dim", None) or self.d_model // self.n_heads)
 
-    @property
-    def embed(self) -> nn.Module:
-        return get_submodule(self.hf, self.arch.embed)
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return get_submodule(self.hf, self.arch.final_norm)
-
-    @property
-    def unembed(self) -> nn.Module:
-        return get_submodule(self.hf, self.arch.unembed)
+    embed = _row_module("embed")
+    body = _row_module("body", "The transformer body without the LM head (its output is already final-normed).")
+    final_norm = _row_module("final_norm")
+    unembed = _row_module("unembed")
 
     def block(self, layer: int) -> nn.Module:
+        """The HF transformer block ``layer``."""
         return self.layers[layer]
 
     def submodule(self, layer: int, kind: str) -> nn.Module:
@@ -104,12 +115,26 @@ class LensModel:
         """Device of the input embedding (where token ids must go); weights may be sharded."""
         return self.embed.weight.device
 
+    @property
+    def logit_softcap(self) -> float | None:
+        """The final logit soft-cap of the family (Gemma-2: ``cap * tanh(logits / cap)``), or None."""
+        attr = self.arch.logit_softcap_attr
+        cap = getattr(self.config, attr, None) if attr else None
+        return float(cap) if cap else None
+
+    def logits_from_normed(self, normed: torch.Tensor) -> torch.Tensor:
+        """Unembedding (and the family's final soft-cap) of an already final-normed residual, e.g.
+        the body's output: what the HF LM head computes from it."""
+        logits = self.unembed(normed.to(self.unembed.weight.device))
+        cap = self.logit_softcap
+        return torch.tanh(logits / cap) * cap if cap is not None else logits
+
     def logits_from_resid(self, resid: torch.Tensor) -> torch.Tensor:
-        """Final norm then unembedding of a raw residual stream (applied exactly once)."""
-        normed = self.final_norm(resid.to(self.final_norm.weight.device))
-        return self.unembed(normed.to(self.unembed.weight.device))
+        """Final norm then unembedding (and soft-cap) of a raw residual stream (each applied once)."""
+        return self.logits_from_normed(self.final_norm(resid.to(self.final_norm.weight.device)))
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
+        """The HF model's parameters by name (the real weights, not copies)."""
         return dict(self.hf.named_parameters())
 
     # ------------------------------------------------------------------ views
@@ -148,7 +173,7 @@ class LensModel:
         return TransformersModel(self.hf, tokenizer=self.tokenizer, task="text-generation")
 
     # ------------------------------------------------------------------ convenience
-    def hooks(self, hooks: list, *, lens: str = "hf"):
+    def hooks(self, hooks: list, *, lens: str = "hf") -> AbstractContextManager[None]:
         """Context manager running ``[(hook_point, fn), ...]`` through one lens; see :mod:`bias_lens.hooks`."""
         from .hooks import apply_hooks
 

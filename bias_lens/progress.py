@@ -19,12 +19,15 @@ class NullBar:
     """The disabled bar: ``update``/``set_postfix``/``close`` and ``with`` do nothing."""
 
     def update(self, n: int = 1) -> None:
+        """Do nothing (the tqdm ``update`` signature)."""
         pass
 
     def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        """Do nothing (the tqdm ``set_postfix`` signature)."""
         pass
 
     def close(self) -> None:
+        """Do nothing (the tqdm ``close`` signature)."""
         pass
 
     def __enter__(self) -> "NullBar":

@@ -5,6 +5,16 @@ attend to padding; the last real token of row b is ``attention_mask[b].sum() - 1
 sorted by length before batching (less padding) and results put back in input order. Only the
 ``[batch, n_targets]`` result of each batch is kept, so 10,000 prompts never hold more than one
 batch of activations.
+
+This is the one next-token scorer (the benchmark runners' :func:`bias_lens.benchmarks.next_token.
+next_token_logprobs` and causal selection call it). Its fast path, for single-token targets:
+
+* only the last real position of each prompt goes through the unembedding (``logits_to_keep``
+  with the batch's distinct last positions), instead of ``[batch, pos, d_vocab]`` logits;
+* ``shared_prefix=True``: a token prefix shared by every prompt (GenBiasPro-CG's 2-shot code
+  context, ~100 tokens) is run once; its key/value cache is repeated over each batch and only the
+  suffixes are run. Off by default: hooks that address positions (``record_into`` at the last
+  index, ``patch_from``) would see suffix positions, and the prefix is run without the batch.
 """
 
 from __future__ import annotations
@@ -13,8 +23,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import copy
+
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .targets import TargetSet
@@ -30,7 +42,12 @@ class Batch:
     rows: list[int]
 
     def model_inputs(self) -> dict[str, Tensor]:
+        """Keyword arguments of the HF forward pass (input ids and attention mask)."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def repeat(self, r: int) -> "Batch":
+        """The batch stacked ``r`` times (replica j = rows ``j*n .. (j+1)*n-1``; per-row hooks tell them apart)."""
+        return Batch(self.input_ids.repeat(r, 1), self.attention_mask.repeat(r, 1), self.last.repeat(r), self.rows * r)
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
@@ -52,6 +69,7 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)`` of ``seqs`` right-padded with ``pad_id`` to the longest."""
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -83,7 +101,62 @@ def iter_batches(
 
 
 def last_logits(logits: Float[Tensor, "batch pos d_vocab"], last: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
+    """Each row's logits at its last real position ``last`` (right padding)."""
     return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
+
+
+MIN_SHARED_PREFIX = 16  # tokens; shorter shared prefixes are not worth a cache
+
+
+def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common token prefix, leaving at least one token in every suffix."""
+    first, n = seqs[0], min(len(s) for s in seqs) - 1
+    k = 0
+    while k < n and all(s[k] == first[k] for s in seqs):
+        k += 1
+    return k
+
+
+@dataclass
+class PrefixCache:
+    """Key/value cache of ``n`` prompt tokens shared by every prompt."""
+
+    past: Any
+    n: int
+
+
+def prefix_cache(lm: Any, ids: Sequence[Sequence[int]]) -> PrefixCache | None:
+    """Cache of the prompts' common prefix when it is at least :data:`MIN_SHARED_PREFIX` tokens."""
+    k = shared_prefix_len(ids) if len(ids) > 1 else 0
+    if k < MIN_SHARED_PREFIX:
+        return None
+    pre = torch.tensor([list(ids[0][:k])], device=lm.device)
+    return PrefixCache(lm.hf(input_ids=pre, use_cache=True, logits_to_keep=1).past_key_values, k)
+
+
+def batch_last_logits(lm: Any, b: Batch, cache: PrefixCache | None = None) -> Float[Tensor, "batch d_vocab"]:
+    """Logits at each row's last real token from one forward of ``b`` (a suffix batch after
+    ``cache`` when given); only the distinct last positions go through the unembedding."""
+    keep = torch.unique(b.last)
+    kwargs: dict[str, Any] = {"input_ids": b.input_ids, "logits_to_keep": keep}
+    if cache is not None:
+        n = b.input_ids.shape[0]
+        c = copy.deepcopy(cache.past)
+        c.batch_repeat_interleave(n)
+        ones = torch.ones(n, cache.n, dtype=b.attention_mask.dtype, device=b.attention_mask.device)
+        kwargs.update(past_key_values=c, attention_mask=torch.cat([ones, b.attention_mask], 1), use_cache=True)
+    else:
+        kwargs["attention_mask"] = b.attention_mask
+    logits = lm.hf(**kwargs).logits  # [batch, len(keep), d_vocab]
+    return last_logits(logits, torch.searchsorted(keep, b.last))
+
+
+def batch_target_logprobs(
+    lm: Any, b: Batch, targets: TargetSet, cache: PrefixCache | None = None
+) -> Float[Tensor, "batch target"]:
+    """float64 ``log p(target | row)`` of single-token targets at each row's last real token."""
+    lp = torch.log_softmax(batch_last_logits(lm, b, cache).double(), -1)
+    return lp[:, torch.as_tensor(targets.first_ids, device=lp.device)]
 
 
 @torch.no_grad()
@@ -94,31 +167,44 @@ def target_logprobs(
     *,
     batch_size: int = 32,
     progress: bool = False,
+    shared_prefix: bool = False,
 ) -> Float[Tensor, "prompt target"]:
     """log p(target | prompt) for every prompt and target word, in input order.
 
-    Single-token targets read one distribution at the last real token. Multi-token targets are
+    Single-token targets read one distribution at the last real token (fast path, see the module
+    docstring; ``shared_prefix=True`` also caches a common prompt prefix). Multi-token targets are
     teacher-forced: the prompt is extended with each target's tokens but the last, and the
     target's log-prob is the sum over its tokens.
     """
     prompts = check_prompts(prompts)
     out = torch.empty(len(prompts), len(targets), dtype=torch.float64)
-    model = lm.hf
-    batches = iter_batches(lm.tokenizer, prompts, batch_size, device=lm.device)
+    ids = tokenize(lm.tokenizer, prompts)
+    cache = prefix_cache(lm, ids) if shared_prefix and targets.single_token else None
+    k = cache.n if cache is not None else 0
+    batches = iter_batches(lm.tokenizer, [], batch_size, device=lm.device, token_ids=[s[k:] for s in ids])
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, total=-(-len(prompts) // batch_size), desc="scoring", leave=False)
-    if targets.single_token:
-        tid = torch.as_tensor(targets.first_ids)
-        for b in batches:
-            logits = model(**b.model_inputs()).logits
-            lp = torch.log_softmax(last_logits(logits, b.last).double(), -1)
-            out[b.rows] = lp[:, tid.to(lp.device)].cpu()
-        return out
     for b in batches:
-        out[b.rows] = _multi_token_batch(lm, b, targets).cpu()
+        lp = batch_target_logprobs(lm, b, targets, cache) if targets.single_token else _multi_token_batch(lm, b, targets)
+        out[b.rows] = lp.cpu()
     return out
+
+
+def batch_token_logprobs(lm: Any, b: Batch) -> tuple[Float[Tensor, "batch pos_1"], Bool[Tensor, "batch pos_1"]]:
+    """One forward of ``b``: float64 ``log p(ids[t+1] | ids[:t+1])`` at positions ``0..pos-2`` and
+    whether each of those tokens is the argmax.
+
+    The one sequence log-likelihood: multi-token targets here, sentence / completion scores and
+    the retention perplexity (:mod:`bias_lens.benchmarks.sentence_scoring`) and causal selection's
+    retention guard all read it. Padded positions hold garbage; mask them with
+    ``attention_mask[:, 1:]``. (A float32 logsumexp and a gather: no full log-softmax copy.)
+    """
+    logits = lm.hf(**b.model_inputs()).logits[:, :-1].float()
+    nxt = b.input_ids[:, 1:]
+    lp = (logits.gather(-1, nxt[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)).double()
+    return lp, logits.argmax(-1) == nxt
 
 
 def _multi_token_batch(lm: Any, b: Batch, targets: TargetSet) -> Tensor:
@@ -128,17 +214,13 @@ def _multi_token_batch(lm: Any, b: Batch, targets: TargetSet) -> Tensor:
         n = int(b.last[i]) + 1
         base = b.input_ids[i, :n].tolist()
         for t in targets.token_ids:
-            seqs.append(base + list(t[:-1]))
-            starts.append(n - 1)
+            seqs.append(base + list(t))
+            starts.append(n - 1)  # the prediction of the target's first token sits at position n-1
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     ids, mask = pad_right(seqs, pad, lm.device)
-    lp = torch.log_softmax(lm.hf(input_ids=ids, attention_mask=mask).logits.double(), -1)
-    res = torch.zeros(len(seqs), dtype=torch.float64, device=lp.device)
+    lp, _ = batch_token_logprobs(lm, Batch(ids, mask, mask.sum(1) - 1, list(range(len(seqs)))))
     k = len(targets)
-    for j, s in enumerate(starts):
-        t = targets.token_ids[j % k]
-        pos = torch.arange(s, s + len(t), device=lp.device)
-        res[j] = lp[j, pos, torch.as_tensor(t, device=lp.device)].sum()
+    res = torch.stack([lp[j, s : s + len(targets.token_ids[j % k])].sum() for j, s in enumerate(starts)])
     return res.view(-1, k)
 
 

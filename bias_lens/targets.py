@@ -39,10 +39,12 @@ class TargetSet:
 
     @property
     def single_token(self) -> bool:
+        """True when every target word is one token."""
         return all(len(t) == 1 for t in self.token_ids)
 
     @property
     def first_ids(self) -> list[int]:
+        """The first token id of each target word."""
         return [t[0] for t in self.token_ids]
 
     def __len__(self) -> int:
@@ -63,6 +65,7 @@ class TargetSet:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """Words and token ids as a JSON-ready dict."""
         return {"words": list(self.words), "token_ids": [list(t) for t in self.token_ids]}
 
 

@@ -2,178 +2,120 @@
 
     python scripts/edit_sweep.py --rows org,pb,module,neuron --out-jsonl /tmp/edit_rows.jsonl
 
-Every row is :func:`bias_lens.edit.pipeline.run_edit` with the plan below (train: 128 seeded
-samples, dev: 64 for early stopping, test: a fixed-seed ``--limit`` (200) subset, UB: 100
-GenHintEval samples, retention: 48 sentences);
-the unedited metrics are measured once and reused. Layer/module/row/neuron scales use the
-scale locators of ``bias_lens.locate`` when they exist, otherwise the first-order gradient
-locator below (|grad * weight| of the msme_align loss summed per block / module / row, and |grad|
-per entry for the neuron scale, restricted to ``mlp.down``). The module scale uses MSME's module
-``L29.mlp.down`` unless ``--module-json`` gives a saved ``module_scale`` result. Each finished row is appended to
-``--out-jsonl`` so partial sweeps survive; the markdown table is printed at the end.
+Every row is one :class:`bias_lens.pipeline.plan.EditPlan` run by
+:func:`bias_lens.pipeline.driver.apply_plan` (train: 128 seeded samples, dev: 64 for early
+stopping, test: a fixed-seed ``--limit`` (200) subset, UB: 100 GenHintEval samples, retention: 48
+sentences); the unedited metrics are measured once and reused. The module scale uses MSME's
+module of SmolLM2, ``L29.mlp.down`` (the top FFN down projection of the module scan), unless
+``--module-json`` gives a saved ``module_scale`` result; the other scales use the driver's
+locators. ``--set ROW.FIELD=VALUE`` overrides a field of a row's method variant. Each finished row
+is appended to ``--out-jsonl`` so partial sweeps survive; the markdown table is printed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
 import json
 import logging
 import time
 
 import torch
 
-from bias_lens.edit.pipeline import LOCATORS, EditPlan, run_edit, split_samples
+from bias_lens.edit.methods import Contrastive, Finetune, FullFinetune, HintAnchor, Masking, Prompt
 from bias_lens.locate.result import LocateResult
+from bias_lens.pipeline.driver import apply_plan
+from bias_lens.pipeline.measure import measure
+from bias_lens.pipeline.plan import EditPlan, Where
 
-COMMON = dict(n_samples=128, dev_limit=64, limit=200, ub_limit=100, retention_limit=48, seed=0)
-#: Module picked without the (slow on 2 CPU cores) zero-ablation scan: MSME's module, the last FFN
-#: down projection; pass a saved ``module_scale`` result with --module-json to use the scan.
+N_TRAIN, SEED = 128, 0
+#: SmolLM2's module-scale target (skips the slow zero-ablation scan on 2 CPU cores)
 MODULE = "L29.mlp.down"
-ROWS: dict[str, dict] = {
-    # baselines
-    "fpft": dict(method="fpft", loss="msme_literal", lr=1e-5, epochs=1, eval_every=2, patience=4),
-    "pb": dict(method="prompt"),
+T = dict(dev_limit=64, retention_limit=48)
+ROWS: dict[str, EditPlan] = {
+    "fpft": EditPlan(FullFinetune(lr=1e-5, epochs=1, eval_every=2, patience=4, **T)),
+    "pb": EditPlan(Prompt()),
     # masked fine-tuning at each scale (msme_literal: see docs/edit.md for why not msme_align)
-    "layer": dict(method="msme", scale="layer", k=1, loss="msme_literal", lr=1e-5, epochs=2, eval_every=2, patience=4),
-    "module": dict(method="msme", scale="module", k=1, loss="msme_literal", lr=1e-4, epochs=2, eval_every=1, patience=8),
-    "module_align": dict(method="msme", scale="module", k=1, loss="msme_align", lr=1e-4, epochs=2),
-    "module_lftf": dict(method="lftf", scale="module", k=1, lr=1e-4, epochs=2, eval_every=1, patience=8),
-    "module_gap": dict(method="msme", scale="module", k=1, loss="gap", lr=1e-4, epochs=2, eval_every=1, patience=8),
-    "row": dict(method="msme", scale="row", k=4, loss="msme_literal", lr=1e-3, epochs=2, eval_every=2, patience=4),
-    "neuron": dict(method="msme", scale="neuron", k=4096, loss="msme_literal", lr=1e-3, epochs=2, eval_every=1,
-                   patience=8),
+    "layer": EditPlan(Finetune(lr=1e-5, eval_every=2, patience=4, **T), Where("layer", 1)),
+    "module": EditPlan(Finetune(lr=1e-4, eval_every=1, patience=8, **T), Where("module", 1)),
+    "module_align": EditPlan(Finetune(loss="msme_align", lr=1e-4, **T), Where("module", 1)),
+    "module_lftf": EditPlan(Finetune(paper="lftf", lr=1e-4, eval_every=1, patience=8, **T), Where("module", 1)),
+    "module_gap": EditPlan(Finetune(loss="gap", lr=1e-4, eval_every=1, patience=8, **T), Where("module", 1)),
+    "row": EditPlan(Finetune(lr=1e-3, eval_every=2, patience=4, **T), Where("row", 4)),
+    "neuron": EditPlan(Finetune(lr=1e-3, eval_every=1, patience=8, **T), Where("neuron", 4096)),
     # neuron masking of the top attribution neurons (general neurons filtered out)
-    "attribution_mask": dict(method="mask", scale="attribution", k=8),
+    "attribution_mask": EditPlan(Masking(), Where("attribution", 8)),
     # contrastive: reference fine-tuned toward anti-stereotypical shares over the module, top-5000 |diff| taken
-    "contrastive": dict(method="contrastive", scale="module", k=1, lr=1e-4, epochs=1, contrastive_k=5000),
+    "contrastive": EditPlan(Contrastive(k=5000, reference=Finetune(loss="msme_align", lr=1e-4, epochs=1, **T)),
+                            Where("module", 1)),
 }
 
 
-def _weights(lm) -> dict[str, tuple[str, bool]]:
-    """Our module label -> (HF weight name, transposed) for every block module."""
-    from bias_lens.arch import param_ref
+def _override(plan: EditPlan, sets: list[str], name: str) -> EditPlan:
+    """Apply ``--set ROW.FIELD=VALUE`` (JSON values; plain strings such as a loss name as-is).
 
-    kinds = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"] + (["mlp.gate"] if lm.arch.gated_mlp else [])
-    out = {}
-    for l in range(lm.n_layers):
-        for kind in kinds:
-            ref = param_ref(lm.hf, f"L{l}.{kind}")
-            if ref.rows is None:
-                out[f"L{l}.{kind}"] = (ref.weight_name, ref.transposed)
-    return out
-
-
-def grad_locate(lm, train: list[dict], scale: str) -> LocateResult:
-    """First-order (gradient x weight) locator for the layer/module/row/neuron scales (fallback)."""
-    from bias_lens.edit.finetune import _forward_probs
-    from bias_lens.edit.losses import msme_align
-    from bias_lens.edit.measure import he_she
-
-    mods = _weights(lm)
-    params = dict(lm.hf.named_parameters())
-    names = {w for w, _ in mods.values()}
-    leaves = {n: params[n].detach().clone().requires_grad_(True) for n in names}
-    tid = torch.as_tensor(he_she(lm).first_ids)
-    grads = {n: torch.zeros_like(t) for n, t in leaves.items()}
-    for s in range(0, len(train), 32):
-        batch = train[s : s + 32]
-        f = torch.tensor([[x["f_he"], x["f_she"]] for x in batch], dtype=torch.float32)
-        loss = msme_align(_forward_probs(lm, leaves, [x["prompt"] for x in batch], tid), f) * len(batch)
-        for n, g in zip(leaves, torch.autograd.grad(loss, list(leaves.values()))):
-            grads[n] += g
-    labels, scores = [], []
-    for lab, (w, tr) in mods.items():
-        g = grads[w].T if tr else grads[w]
-        gw = (g * params[w].detach().T if tr else g * params[w].detach()).abs()
-        if scale == "module":
-            labels.append(lab), scores.append(float(gw.sum()))
-        elif scale == "row" and lab.endswith("mlp.down"):
-            labels += [f"{lab}/row{r}" for r in range(gw.shape[0])]
-            scores += gw.sum(1).tolist()
-        elif scale == "neuron" and lab.endswith("mlp.down"):
-            top = torch.topk(g.abs().reshape(-1), 8192)
-            cols = g.shape[1]
-            labels += [f"{lab}/row{int(i) // cols}/col{int(i) % cols}" for i in top.indices]
-            scores += top.values.tolist()
-        elif scale == "layer":
-            layer = lab.split(".")[0]
-            if layer not in labels:
-                labels.append(layer), scores.append(0.0)
-            scores[labels.index(layer)] += float(gw.sum())
-    return LocateResult(f"grad_x_weight_{scale}", labels, torch.tensor(scores), variant="msme_align,sum|g*w|",
-                        model=lm.name, n_samples=len(train))
-
-
-def locate_for(lm, plan: EditPlan, train: list[dict], module_json: str | None = None):
-    from bias_lens.edit.pipeline import locate
-
-    if plan.scale == "module":
-        if module_json:
-            return LocateResult.load(module_json)
-        return LocateResult("fixed", [MODULE], torch.ones(1), variant="MSME's module (no scan)")
-    if plan.scale in LOCATORS:
-        mod, fn = LOCATORS[plan.scale]
+    ``hint_anchor=true`` turns the UB anchor on; ``hint_loss`` / ``hint_weight`` / ``hint_ub_tolerance``
+    set its fields; every other FIELD is a field of the row's method variant."""
+    over, hint = {}, {}
+    for s in sets:
+        key, val = s.split("=", 1)
+        row, fld = key.split(".", 1)
+        if row != name:
+            continue
         try:
-            getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError):
-            return grad_locate(lm, train, plan.scale)
-    return locate(lm, plan, train)
+            v = json.loads(val)
+        except json.JSONDecodeError:
+            v = val
+        if fld.startswith("hint_"):
+            hint[fld[len("hint_"):]] = v
+        else:
+            over[fld] = v
+    if hint.pop("anchor", False) or hint:
+        over["hint"] = HintAnchor(**hint)
+    return dataclasses.replace(plan, method=dataclasses.replace(plan.method, **over)) if over else plan
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     ap.add_argument("--out-jsonl", default="edit_rows.jsonl")
-    ap.add_argument("--limit", type=int, default=COMMON["limit"])
+    ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--no-org", action="store_true", help="do not re-measure the unedited model (another run did)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    ap.add_argument("--module-json", default=None, help="a saved module_scale LocateResult (default: L29.mlp.down)")
-    ap.add_argument("--set", action="append", default=[], metavar="ROW.KEY=VALUE", help="override a plan field")
+    ap.add_argument("--module-json", default=None, help=f"a saved module_scale LocateResult (default: {MODULE})")
+    ap.add_argument("--set", action="append", default=[], metavar="ROW.FIELD=VALUE", help="override a method field")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from bias_lens.edit.measure import model_metrics
     from bias_lens.lens import load_model
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     lm = load_model("smollm2-135m")
-    common = {**COMMON, "limit": args.limit}
-    rows: dict[str, dict] = {}
-    before: dict[str, float] = {}
-    if not args.no_org:
-        before = model_metrics(lm, "genbiaseval", "test", limit=common["limit"], ub_limit=common["ub_limit"],
-                               retention_limit=common["retention_limit"])
-        rows["org"] = {"row": "org", "after": before, "n_changed": 0, "mask_size": 0}
-        with open(args.out_jsonl, "a") as fh:
-            fh.write(json.dumps(rows["org"]) + "\n")
+    limits = {"genbiaseval": args.limit, "genhinteval": 100, "retention": 48}
+    module = LocateResult.load(args.module_json) if args.module_json else \
+        LocateResult("fixed", [MODULE], torch.ones(1), variant="MSME's module (no scan)")
+    before = {} if args.no_org else measure(lm, limits)
+    if before:
+        _append(args.out_jsonl, {"row": "org", "after": before, "n_changed": 0, "mask_size": 0})
     for name in [r for r in args.rows.split(",") if r in ROWS]:
-        spec = dict(ROWS[name])
-        for s in args.set:
-            key, val = s.split("=", 1)
-            row, field = key.split(".", 1)
-            if row == name:
-                try:
-                    spec[field] = json.loads(val)  # numbers, null, true/false
-                except json.JSONDecodeError:
-                    spec[field] = val  # plain strings such as a loss name
-        plan = EditPlan(**{**common, **spec})
+        plan = dataclasses.replace(_override(ROWS[name], args.set, name), n_samples=N_TRAIN, seed=SEED, name=name)
         t = time.time()
-        train, _ = split_samples(plan)
-        result = locate_for(lm, plan, train, args.module_json) if plan.method not in ("fpft", "prompt") else None
-        run = run_edit(lm, plan, result, before=before)
+        run = apply_plan(lm, plan, module if plan.scale == "module" else None, limits=limits, before=before or None)
         if run.handle is not None:
             run.handle.undo()
-        rec = {"row": name, "plan": {k: v for k, v in spec.items()}, "after": run.after, "before": before,
-               "n_changed": run.n_changed, "mask_size": run.mask_size, "labels": run.locate.get("labels", [])[:8],
-               "status": run.info.get("status"), "best_step": run.info.get("best_step"),
-               "history": run.info.get("history"), "seconds": round(time.time() - t, 1)}
-        rows[name] = rec
-        with open(args.out_jsonl, "a") as fh:
-            fh.write(json.dumps(rec, default=str) + "\n")
-        logging.info("%s: %s", name, {k: round(v, 4) for k, v in run.after.items()})
+        rec = run.record
+        _append(args.out_jsonl, {"row": name, "plan": rec.plan, "after": rec.metrics, "before": rec.before,
+                                 "n_changed": rec.n_changed, "mask_size": rec.cost_p, "labels": rec.labels[:8],
+                                 "status": rec.info.get("status"), "best_step": rec.info.get("best_step"),
+                                 "history": rec.info.get("history"), "seconds": round(time.time() - t, 1)})
+        logging.info("%s: %s", name, {k: round(v, 4) for k, v in rec.metrics.items()})
     with open(args.out_jsonl) as fh:
         print(table([json.loads(line) for line in fh if line.strip()]))
+
+
+def _append(path: str, rec: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(rec, default=str) + "\n")
 
 
 def table(recs: list[dict]) -> str:

@@ -31,7 +31,7 @@ def render(fig: Path = FIG) -> str:
     """The README block (markdown) rendered from ``fig/results.json`` and ``fig/locate/*.json``."""
     sys.path.insert(0, str(ROOT))
     from bias_lens.locate.result import LocateResult
-    from bias_lens.pipeline.report import LEGEND, _locate_summary, markdown_table
+    from bias_lens.pipeline.report import LEGEND, _locate_summary, markdown_table, rule_from_meta
 
     res = json.loads((fig / "results.json").read_text())
     meta = res["meta"]
@@ -52,10 +52,9 @@ def render(fig: Path = FIG) -> str:
             "**Edited** (train: GenBiasEval train samples, early stopping on dev; every row measured on test "
             "subsets and undone; row limits " + ", ".join(f"{k} {v}" for k, v in meta["config"]["row_limits"].items())
             + "):", "", markdown_table(res["org"], res["rows"]), "", LEGEND, ""]
-    best = res.get("best")
-    out.append(f"Exported: **{best}** (lowest AFGB among weight edits keeping perplexity within +5% and UB within "
-               "0.1), as a reload-verified checkpoint and a sparse patch." if best else
-               "No weight edit kept perplexity within +5% and UB within 0.1, so nothing was exported.")
+    best, rule = res.get("best"), rule_from_meta(meta)
+    out.append(f"Exported: **{best}** ({rule.describe()}), as a reload-verified checkpoint and a sparse patch."
+               if best else f"No weight edit passed the export rule ({rule.describe()}), so nothing was exported.")
     pngs = sorted(p.name for p in fig.glob("*.png"))
     if pngs:
         out += ["", "**Figures** (interactive HTML beside each PNG in `figures/`):", ""]

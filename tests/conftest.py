@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Llama / Qwen2 / GPT-2 models built from configs, and SmolLM2.
+"""Shared fixtures: tiny random Llama / Qwen2 / GPT-2 (and Gemma / Gemma-2 / Phi-3) models built
+from configs, and SmolLM2.
 
 The tiny models use a byte-level BPE tokenizer trained in-process on a small corpus and saved
 to a folder (TransformerLens rejects tokenizers that exist only in memory). Sizes are passed to
@@ -69,7 +70,10 @@ def _perturb_(model: torch.nn.Module, seed: int) -> None:
             if name.endswith("bias"):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
             elif "norm" in name or "ln" in name.split(".")[-2:][0]:
-                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+                if bool(p.any()):
+                    p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+                else:  # Gemma's (1 + w) norms start at w = 0
+                    p.add_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def make_config(arch: str, vocab: int):
@@ -86,6 +90,33 @@ def make_config(arch: str, vocab: int):
             vocab_size=vocab, hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
             num_attention_heads=N_HEADS, num_key_value_heads=2, max_position_embeddings=128,
             tie_word_embeddings=True, rms_norm_eps=1e-5,
+        )
+    if arch == "gemma":
+        from transformers import GemmaConfig
+
+        return GemmaConfig(
+            vocab_size=vocab, hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS, num_key_value_heads=2, head_dim=D_MODEL // N_HEADS,
+            max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        )
+    if arch == "gemma2":
+        from transformers import Gemma2Config
+
+        return Gemma2Config(
+            vocab_size=vocab, hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS, num_key_value_heads=2, head_dim=D_MODEL // N_HEADS,
+            query_pre_attn_scalar=D_MODEL // N_HEADS, max_position_embeddings=128, sliding_window=4,
+            final_logit_softcapping=2.0, attn_logit_softcapping=5.0, tie_word_embeddings=True,
+            pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        )
+    if arch == "phi3":
+        from transformers import Phi3Config
+
+        return Phi3Config(
+            vocab_size=vocab, hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS, num_key_value_heads=2, max_position_embeddings=128,
+            original_max_position_embeddings=128, tie_word_embeddings=False,
+            pad_token_id=0, bos_token_id=0, eos_token_id=0,
         )
     if arch == "gpt2":
         return GPT2Config(
@@ -105,6 +136,11 @@ def expected_param_count(arch: str, vocab: int) -> int:
         kv = 2 * (d // N_HEADS)
         attn = d * d * 2 + d * kv * 2 + d + 2 * kv
         return vocab * d + n * (attn + 3 * d * f + 2 * d) + d
+    if arch in ("gemma", "gemma2", "phi3"):
+        kv = 2 * (d // N_HEADS)
+        attn = d * d * 2 + d * kv * 2  # phi3: one fused qkv [d + 2 kv, d], same count
+        norms = {"gemma": 2, "gemma2": 4, "phi3": 2}[arch] * d
+        return vocab * d * (2 if arch == "phi3" else 1) + n * (attn + 3 * d * f + norms) + d
     if arch == "gpt2":
         attn = d * 3 * d + 3 * d + d * d + d
         mlp = d * f + f + f * d + d
@@ -132,6 +168,8 @@ def build_tiny(arch: str, tok_dir: Path, tmp: Path, seed: int = 0):
 
 
 ARCHS = ["llama", "qwen2", "gpt2"]
+#: Extra rows with their own tests (tests/test_arch_rows.py); not in ``tiny`` to keep the suite fast.
+EXTRA_ARCHS = ["gemma", "gemma2", "phi3"]
 
 
 @pytest.fixture(params=ARCHS)

@@ -20,8 +20,8 @@ from bias_lens.locate.result import LocateResult
 
 from conftest import build_tiny
 
-FAST = ["--n-samples", "16", "--limit", "16", "--ub-limit", "8", "--retention-limit", "4", "--dev-limit", "8",
-        "--batch-size", "8"]
+MEASURE = ["--n-samples", "16", "--limit", "16", "--ub-limit", "8", "--retention-limit", "4", "--batch-size", "8"]
+FAST = [*MEASURE, "--dev-limit", "8"]  # --dev-limit: fine-tuning methods only
 KEYS = {"afgb", "fbs", "ub", "perplexity", "probe_accuracy"}
 
 
@@ -135,7 +135,7 @@ def _bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_attribution_mask_zeroes_only_located_down_columns(base_dir, tmp_path, capsys):
     out = tmp_path / "masked"
     res = _cli_json(capsys, ["edit", "--scale", "attribution", "--method", "mask", "--k", "3", "--model", str(base_dir),
-                             "--out", str(out), "--json", *FAST])
+                             "--out", str(out), "--json", *MEASURE])
     neurons = res["locate"]
     assert len(neurons) == 3 and res["mask_size"] == 3 * 48
     base, edited = _state(base_dir), _state(out)
@@ -151,6 +151,20 @@ def test_attribution_mask_zeroes_only_located_down_columns(base_dir, tmp_path, c
     assert res["n_params_edited"] == sum(int((base[k] != edited[k]).sum()) for k in base)
 
 
+def test_dama_exports_only_the_projected_down_projections(base_dir, tmp_path, capsys):
+    """DAMA through the CLI: W_down of the default layers <- P W_down, everything else bitwise equal,
+    and the export's patch reproduces it."""
+    out = tmp_path / "dama"
+    res = _cli_json(capsys, ["edit", "--method", "dama", "--null-dim", "4", "--dama-update", "mixed",
+                             "--max-requests", "8", "--model", str(base_dir), "--out", str(out), "--json", *MEASURE])
+    layers = res["info"]["layers"]
+    assert res["method"] == "dama" and res["n_params_edited"] > 0 and layers == [0] and res["plan"]["method"]["kind"] == "dama"
+    base, edited = _state(base_dir), _state(out)
+    changed = {k for k in base if not torch.equal(base[k], edited[k])}
+    assert changed == {f"model.layers.{l}.mlp.down_proj.weight" for l in layers}
+    assert (out / "patch" / "patch.json").exists()
+
+
 def test_lftf_without_mlp_edits_only_attention_and_prompt_changes_no_weights(base_dir, tmp_path, capsys):
     loc = _locate(tmp_path, ["L2"])
     out = tmp_path / "lftf"
@@ -160,7 +174,7 @@ def test_lftf_without_mlp_edits_only_attention_and_prompt_changes_no_weights(bas
     changed = {k for k in base if not torch.equal(base[k], edited[k])}
     assert all(k.startswith("model.layers.2.") and ".mlp." not in k for k in changed)  # norms + attention only
     assert any(".self_attn." in k for k in changed)
-    pb = _cli_json(capsys, ["edit", "--method", "prompt", "--model", str(base_dir), "--json", *FAST])
+    pb = _cli_json(capsys, ["edit", "--method", "prompt", "--model", str(base_dir), "--json", *MEASURE])
     assert pb["n_params_edited"] == 0 and pb["out"] is None
     assert pb["after"]["perplexity"] == pb["before"]["perplexity"]
     assert pb["after"]["afgb"] != pb["before"]["afgb"]
@@ -184,6 +198,14 @@ def test_contrastive_edits_within_mask(base_dir, tmp_path, capsys):
     (["edit", "--method", "msme", "--scale", "module", "--locate-json", "/nonexistent.json"], "does not exist"),
     (["edit", "--method", "prompt", "--out", "/tmp/x"], "nothing to export"),
     (["edit", "--method", "lftf", "--scale", "row", "--k", "0"], "k must be >= 1"),
+    (["edit", "--method", "mask", "--scale", "module", "--dev-limit", "8"], "--dev-limit apply to the fine-tuning"),
+    (["edit", "--method", "msme", "--scale", "module", "--alpha", "0.5"], "apply to --method contrastive"),
+    (["edit", "--method", "fpft", "--scale", "module"], "edits no located weights; drop --scale"),
+    (["edit", "--method", "msme", "--scale", "module", "--null-dim", "8"], "apply to --method dama"),
+    (["edit", "--method", "dama", "--lr", "0.1"], "apply to the fine-tuning methods"),
+    (["edit", "--method", "dama", "--dama-layers", "0"], "n-layers must be >= 1"),
+    (["edit", "--method", "msme", "--scale", "module", "--dev-metric", "afgb_renorm", "--mass-floor", "2"],
+     "mass_floor in (0, 1]"),
     (["patch", "apply", "--base", "/nonexistent", "--patch", "/x", "--out", "/y"], "is not a folder"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):

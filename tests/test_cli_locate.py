@@ -147,18 +147,20 @@ def test_layer_module_methods_json(capsys, model_dir, lm, pfile, tmp_path, metho
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["row", "--prompts-file", "{missing}"], "does not exist"),
-    (["row", "--prompts-file", "{empty}"], "no prompts"),
+    (["row", "--module", "L1.mlp.down", "--prompts-file", "{missing}"], "does not exist"),
+    (["row", "--module", "L1.mlp.down", "--prompts-file", "{empty}"], "no prompts"),
     (["row", "--suite", "genbiaseval", "--prompts-file", "{pfile}"], "not both"),
+    (["row", "--prompts-file", "{pfile}"], "row needs --module"),
+    (["neuron", "--prompts-file", "{pfile}"], "neuron needs --module"),
     (["row", "--module", "L1.mlp.bogus", "--prompts-file", "{pfile}"], "--module"),
     (["row", "--module", "L9.mlp.down", "--prompts-file", "{pfile}"], "out of range"),
-    (["row", "--keep", "1.5", "--prompts-file", "{pfile}"], "--keep"),
-    (["row", "--targets", "he,,she", "--prompts-file", "{pfile}"], "empty target"),
+    (["row", "--module", "L1.mlp.down", "--keep", "1.5", "--prompts-file", "{pfile}"], "--keep"),
+    (["row", "--module", "L1.mlp.down", "--targets", "he,,she", "--prompts-file", "{pfile}"], "empty target"),
     (["neuron", "--module", "L1.mlp.down", "--targets", "he,she,they", "--prompts-file", "{pfile}"], "exactly two"),
     (["circuit", "--prompts-file", "{pfile}"], "--from"),
     (["circuit", "--from", "L2H1", "--prompts-file", "{pfile}"], "--from"),
-    (["row", "--suite", "nosuch"], "unknown suite"),
-    (["row", "--n-samples", "0"], "--n-samples"),
+    (["row", "--module", "L1.mlp.down", "--suite", "nosuch"], "unknown suite"),
+    (["row", "--module", "L1.mlp.down", "--n-samples", "0"], "--n-samples"),
     (["layer", "--layers", "a,b", "--prompts-file", "{pfile}"], "--layers"),
 ])
 def test_bad_input_exits_2_one_line_no_files(capsys, model_dir, pfile, tmp_path, argv, needle):
@@ -177,6 +179,6 @@ def test_bad_input_exits_2_one_line_no_files(capsys, model_dir, pfile, tmp_path,
 
 
 def test_out_parent_missing(capsys, model_dir, pfile, tmp_path):
-    code = main(["locate", "row", "--model", str(model_dir), "--prompts-file", str(pfile), "--out", str(tmp_path / "a" / "b")])
+    code = main(["locate", "row", "--module", "L1.mlp.down", "--model", str(model_dir), "--prompts-file", str(pfile), "--out", str(tmp_path / "a" / "b")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()

@@ -10,7 +10,9 @@ from bias_lens.edit import mask_from_labels
 from bias_lens.edit.finetune import FinetuneConfig, masked_finetune
 from bias_lens.edit.measure import dev_ub
 from bias_lens.edit.losses import anchored, get_hint_loss, hinted_drop, msme_literal, ub_drop, ub_l2
-from bias_lens.edit.pipeline import EditPlan, hint_samples
+from bias_lens.edit.methods import Finetune, HintAnchor
+from bias_lens.pipeline.driver import hint_samples
+from bias_lens.pipeline.plan import EditPlan, Where
 
 PROFS = ["nurse", "carpenter", "doctor", "engineer", "teacher", "secretary", "surgeon", "baker"]
 TRAIN = [{"prompt": f"The {p} laughed because", "f_he": 0.5, "f_she": 0.5} for p in PROFS]
@@ -131,17 +133,26 @@ def test_options_are_validated(tiny_llama):
         FinetuneConfig(hint_weight=-1.0)
     with pytest.raises(ValueError, match="unknown hint anchor"):
         FinetuneConfig(hint_loss="nope")
-    with pytest.raises(ValueError, match="msme and lftf"):
-        EditPlan(method="mask", scale="module", hint_anchor=True)
     with pytest.raises(ValueError, match="hint-weight"):
-        EditPlan(method="msme", scale="module", hint_anchor=True, hint_weight=0.0)
+        HintAnchor(weight=0.0)
+    with pytest.raises(ValueError, match="ub-tolerance"):
+        HintAnchor(ub_tolerance=-0.1)
+
+
+def test_cli_refuses_hint_flags_outside_msme_lftf(capsys):
+    from bias_lens.cli import main
+
+    assert main(["edit", "--method", "mask", "--scale", "module", "--hint-anchor"]) == 2
+    assert "--hint-anchor apply to --method msme and lftf, not to --method mask" in capsys.readouterr().err
+    assert main(["edit", "--method", "msme", "--scale", "module", "--hint-weight", "2"]) == 2
+    assert "--hint-weight apply to --hint-anchor, not to --method msme without" in capsys.readouterr().err
 
 
 def test_plan_passes_anchor_options_and_samples():
-    plan = EditPlan(method="msme", scale="module", hint_anchor=True, hint_weight=2.0, ub_tolerance=0.03, n_samples=16)
-    cfg = plan.finetune_config()
+    plan = EditPlan(Finetune(hint=HintAnchor(weight=2.0, ub_tolerance=0.03)), Where("module"), n_samples=16)
+    cfg = plan.method.config("module", 0)
     assert (cfg.hint_weight, cfg.hint_loss, cfg.ub_tolerance, cfg.hint_dev_limit) == (2.0, "ub_drop", 0.03, 64)
-    off = EditPlan(method="msme", scale="module").finetune_config()
+    off = EditPlan(Finetune(), Where("module")).method.config("module", 0)
     assert off.hint_weight == 0.0 and off.ub_tolerance is None
     hint, dev = hint_samples(plan)
     assert len(hint) == 16 and all(s["F"] in (1, -1) and s["prompt"] for s in hint)

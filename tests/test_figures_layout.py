@@ -21,6 +21,7 @@ from bias_lens.plot import circuit as pc
 from bias_lens.plot import edits as pe
 from bias_lens.plot import gradients as pg
 from bias_lens.plot import locate as pl
+from bias_lens.plot import tracing as ptr
 
 MODEL = "smollm2-135m-instruct-with-a-long-name"
 MODULE_VARIANT = "zero weights+biases; block-output logit lens (norm=recompute); final effect"
@@ -193,7 +194,7 @@ def edit_rows(mass: bool, renorm: bool) -> tuple[dict, list[dict]]:
             met["mass"] = 0.3 + 0.01 * i
         if renorm:
             met["afgb_renorm"] = y / (0.3 + 0.01 * i)
-        rows.append({"row": {"name": name}, "metrics": met})
+        rows.append({"name": name, "metrics": met})
     return org, rows
 
 
@@ -203,7 +204,22 @@ def details(shift: float) -> list[dict]:
             for i, p in enumerate(profs) for j in range(3)]
 
 
+def trace_result():
+    from bias_lens.locate.tracing import ItemTrace, TraceResult
+
+    g = torch.Generator().manual_seed(0)
+    toks = ["<|im_start|>", "Under", " pressure", ",", " a", " female", " will", " often", " show", " that", " she", " is",
+            " strong/ hysterical", "."]
+    item = ItemTrace("e58324f9c51df9da8df232fac42271e2", toks, ["female", "she"], [5, 10], [12], 1.03, 0.5,
+                     0.5 + 0.5 * torch.rand(3, 30, len(toks), generator=g, dtype=torch.float64))
+    return TraceResult(("resid", "mlp", "attn"), [item], 30, 0.35, 3.0, 10, 10, 0,
+                       "gap=abs (mean logp after BOS); noise=add 3 x std over knowns; n_noise=10; window=10", model=MODEL)
+
+
 FIGURES = {
+    "trace_heatmap": lambda: ptr.trace_heatmap(trace_result(), 0, "resid"),
+    "trace_heatmap_mlp_restored": lambda: ptr.trace_heatmap(trace_result(), 0, "mlp", value="restored"),
+    "trace_role_heatmap": lambda: ptr.trace_role_heatmap(trace_result(), "attn"),
     "layer_prompt_heatmap": lambda: pl.layer_prompt_heatmap(layer_result()),
     "argmax_histogram": lambda: pl.argmax_histogram(layer_result()),
     "layer_figure": lambda: pl.layer_figure(layer_result()),

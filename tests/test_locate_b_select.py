@@ -9,9 +9,8 @@ import torch
 
 from bias_lens.hooks import mask_neurons
 from bias_lens.locate.attribution import logit_diff_dir, neuron_attribution, norm_parts, check_pair
-from bias_lens.locate.causal import RETENTION_TEXTS, causal_selection, retention
+from bias_lens.locate.causal import causal_selection, evaluate_sets, retention, retention_texts
 from bias_lens.locate.general_neurons import detect_general, filter_general, masking_effect, position_stats
-from bias_lens.scoring import target_probs
 from bias_lens.targets import resolve_targets
 
 PROMPTS = [
@@ -21,6 +20,11 @@ PROMPTS = [
     "Two plus",
     "The engineer went home because she was tired",
 ]
+
+# causal_selection(tiny_llama, 7 candidates, PROMPTS, k=3, max_rows=12) AFGB deltas from the code
+# before the scorer/metric unification (base_model + lm.unembed + double softmax, inline gap)
+OLD_LLAMA_DELTAS = [-2.8645750540124294e-08, 2.8255199398512926e-08, 9.086440157598684e-08, -7.773570008006217e-07,
+                    1.8377077131624632e-07, -1.4518535684438687e-06, 8.500767461791753e-07]
 
 
 def _ids(lm, prompt, start=False):
@@ -104,10 +108,14 @@ def test_filter_and_detect(tiny_llama):
     assert set(det.labels) == {f"L{i // lm.d_mlp}N{i % lm.d_mlp}" for i in range(flat.numel()) if stats.outsized_frac.reshape(-1)[i] >= 0.6}
 
 
-def _ppl_loop(lm, texts=RETENTION_TEXTS):
+def _ppl_loop(lm, texts=None):
+    """Retention oracle: one plain HF forward per sentence, start token (BOS, else EOS) put in front
+    by id, every sentence token scored in float64."""
+    texts = retention_texts() if texts is None else texts
+    start = lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id
     nll, n = 0.0, 0
     for t in texts:
-        ids = lm.tokenizer(t, return_tensors="pt").input_ids
+        ids = torch.tensor([[start] + lm.tokenizer(t, add_special_tokens=False).input_ids])
         with torch.no_grad():
             lp = torch.log_softmax(lm.hf(ids).logits[0, :-1].double(), -1)
         nll -= float(lp.gather(-1, ids[0, 1:, None]).sum())
@@ -116,8 +124,46 @@ def _ppl_loop(lm, texts=RETENTION_TEXTS):
 
 
 def _afgb_loop(lm, ts):
-    p = target_probs(lm, PROMPTS, ts, batch_size=1)
-    return float((p[:, 0] - p[:, 1]).abs().mean())
+    """AFGB oracle: one plain HF forward per prompt, full logits, hand-written |p0 - p1| mean."""
+    gaps = []
+    for prompt in PROMPTS:
+        ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            p = torch.softmax(lm.hf(ids).logits[0, -1].double(), -1)[ts.first_ids]
+        gaps.append(abs(float(p[0] - p[1])))
+    return sum(gaps) / len(gaps)
+
+
+def test_retention_texts_are_the_benchmark_corpus(tiny_llama):
+    """Causal selection's retention is the retention benchmark's definition (same corpus, same
+    BOS prefix, same per-token scores) on its first sentences."""
+    from bias_lens.benchmarks.external import retention_sentences
+    from bias_lens.benchmarks.sentence_scoring import token_logprobs
+
+    texts = retention_texts()
+    assert texts == retention_sentences()[: len(texts)] and len(texts) == 8
+    lps = token_logprobs(tiny_llama, texts)
+    want = math.exp(-sum(float(t.sum()) for t in lps) / sum(len(t) for t in lps))
+    assert retention(tiny_llama)[0] == pytest.approx(want, rel=1e-12)
+    # the replicated, per-row-masked batch path of causal selection gives the same perplexity
+    _, p = evaluate_sets(tiny_llama, [[], [(0, 1)]], PROMPTS[:2], resolve_targets(tiny_llama.tokenizer, "he,she"),
+                         max_rows=4)
+    assert float(p[0]) == pytest.approx(want, rel=1e-7)  # other batch layout: float32 logit rounding
+    with tiny_llama.hooks(mask_neurons({0: [1]})):
+        assert float(p[1]) == pytest.approx(_ppl_loop(tiny_llama), rel=1e-6)
+
+
+def test_causal_scores_unchanged_by_unification(tiny_llama):
+    """Regression against the pre-unification implementation (base model + unembed, double softmax;
+    values recorded by running the old code on this fixture, seed 0): AFGB deltas agree to 1e-10."""
+    ts = resolve_targets(tiny_llama.tokenizer, "he,she")
+    cands = ["L0N3", "L1N7", "L2N0", "L2N5", "L1N40", "L0N90", "L2N77"]
+    res = causal_selection(tiny_llama, cands, PROMPTS, ts, k=3, max_ppl_increase=0.5, max_rows=12)
+    old = torch.tensor(OLD_LLAMA_DELTAS, dtype=torch.float64)
+    assert torch.allclose(res.scores, old, rtol=0, atol=1e-10)
+    assert res.extras["afgb_base"] == pytest.approx(0.00024466463970634694, abs=1e-12)
+    assert res.extras["selected"] == ["L0N90", "L2N5", "L0N3"]
+    assert res.extras["retention"] == "retention_sentences[:8],bos"
 
 
 def test_masking_effect_and_retention(tiny_llama):
@@ -135,14 +181,14 @@ def test_causal_independent_matches_loop(tiny):
     cands = ["L0N3", "L1N7", "L2N0", "L2N5", "L1N40", "L0N90", "L2N77"]
     res = causal_selection(lm, cands, PROMPTS, ts, k=3, max_ppl_increase=0.5, max_rows=12)  # 2 candidates per forward
     a0, p0 = _afgb_loop(lm, ts), _ppl_loop(lm)
-    assert abs(res.extras["afgb_base"] - a0) < 1e-7 and abs(res.extras["ppl_base"] - p0) < 1e-6 * p0
+    assert abs(res.extras["afgb_base"] - a0) < 1e-9 and abs(res.extras["ppl_base"] - p0) < 1e-6 * p0
     loop = {}
     for c in cands:
         l, k = int(c[1]), int(c.split("N")[1])
         with lm.hooks(mask_neurons({l: [k]})):
             loop[c] = (_afgb_loop(lm, ts) - a0, _ppl_loop(lm))
         i = res.labels.index(c)
-        assert abs(float(res.scores[i]) - loop[c][0]) < 1e-7
+        assert abs(float(res.scores[i]) - loop[c][0]) < 1e-9
         assert abs(float(res.extras["ppl"][i]) - loop[c][1]) < 1e-6 * p0
     ok = sorted((v[0], c) for c, v in loop.items() if v[0] < 0 and v[1] <= p0 * 1.5)
     assert res.extras["selected"] == [c for _, c in ok[:3]]

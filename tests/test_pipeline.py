@@ -9,12 +9,14 @@ import os
 import pytest
 import torch
 
-from bias_lens.pipeline import EditRow, RunConfig, run_pipeline
+from bias_lens.edit.methods import Masking, Prompt
+from bias_lens.pipeline import EditPlan, RunConfig, Where, run_pipeline
 from bias_lens.pipeline.edit_stage import choose_best
+from bias_lens.pipeline.plan import finetune_plan
 from bias_lens.pipeline.report import markdown_table
 
-ROWS = (EditRow("PB", "prompt"), EditRow("module (MSME)", "msme", "module"),
-        EditRow("attribution masking", "mask", "attribution"))
+ROWS = (EditPlan(Prompt(), name="PB"), finetune_plan("msme", "module", "module (MSME)"),
+        EditPlan(Masking(), Where("attribution"), name="attribution masking"))
 
 
 def tiny_cfg(folder) -> RunConfig:
@@ -38,7 +40,7 @@ def test_run_writes_report_checkpoint_patch_and_resumes(env, monkeypatch):
     for n, p in lm.hf.named_parameters():  # every edit row was undone
         assert torch.equal(p, before[n]), n
     res = json.loads((out / "results.json").read_text())
-    assert [r["row"]["name"] for r in res["rows"]] == [r.name for r in ROWS]
+    assert [r["name"] for r in res["rows"]] == [r.name for r in ROWS]
     assert (out / "report.md").read_text().count("| Org |") == 1
     html = (out / "report.html").read_text()
     assert html.count("plotly.js") >= 1 and "<table" in html
@@ -57,8 +59,8 @@ def test_run_writes_report_checkpoint_patch_and_resumes(env, monkeypatch):
         assert {n: c for n, c in changed.items() if c} == {n: c for n, c in man["params"].items() if c}
         assert (out / "patch" / "patch.json").exists()
     # resume: a second run must reuse every stage (the locators and the fine-tuning would raise)
-    import bias_lens.edit.pipeline as ep
     import bias_lens.locate.modules as mods
+    import bias_lens.pipeline.driver as ep
 
     def boom(*a, **k):
         raise AssertionError("recomputed a cached stage")
@@ -92,19 +94,46 @@ def test_non_empty_out_is_refused_before_any_work(env):
     assert os.listdir(tmp / "busy") == ["keep.txt"]
 
 
-def _row(name, afgb, ppl, ub, n=5):
-    return {"row": {"name": name}, "metrics": {"afgb": afgb, "perplexity": ppl, "ub": ub}, "n_changed": n, "cost_p": n}
+def _row(name, afgb, ppl, ub, n=5, **more):
+    return {"name": name, "metrics": {"afgb": afgb, "perplexity": ppl, "ub": ub, **more}, "n_changed": n, "cost_p": n}
 
 
-def test_choose_best_by_hand():
+def test_choose_best_raw_rule_by_hand():
+    from bias_lens.pipeline.edit_stage import ExportRule
+
     org = {"afgb": 0.20, "perplexity": 10.0, "ub": 0.30}
     rows = [_row("a", 0.05, 10.6, 0.30),  # perplexity +6%: rejected
             _row("b", 0.08, 10.4, 0.15),  # UB moved 0.15: rejected
             _row("c", 0.10, 10.4, 0.25),  # ok
             _row("d", 0.12, 9.0, 0.30),   # ok, higher AFGB
             _row("pb", 0.01, 10.0, 0.30, n=0)]  # edits no weights: never exported
-    assert choose_best(org, rows)["row"]["name"] == "c"
-    assert choose_best(org, rows[:2]) is None
+    assert choose_best(org, rows, ExportRule.raw())["name"] == "c"
+    assert choose_best(org, rows[:2], ExportRule.raw()) is None
+
+
+def test_choose_best_equalising_rule_by_hand():
+    """Default rule: lowest AFGB-r below Org, mass >= 0.9 x Org, ppl <= +5%, UB >= Org - 0.05, MMLU and
+    arithmetic >= Org - 0.01; each failure is named."""
+    from bias_lens.pipeline.edit_stage import ExportRule
+
+    org = {"afgb": 0.1, "afgb_renorm": 0.30, "mass": 0.40, "perplexity": 10.0, "ub": 0.30, "mmlu": 0.30,
+           "arithmetic": 0.05}
+    ok = dict(mass=0.39, mmlu=0.30, arithmetic=0.05)
+    rows = [_row("erases", 0.01, 10.0, 0.30, afgb_renorm=0.20, **{**ok, "mass": 0.30}),
+            _row("worse", 0.05, 10.0, 0.30, afgb_renorm=0.31, **ok),
+            _row("ub", 0.05, 10.0, 0.24, afgb_renorm=0.10, **ok),
+            _row("mmlu", 0.05, 10.0, 0.30, afgb_renorm=0.10, **{**ok, "mmlu": 0.28}),
+            _row("good", 0.09, 10.4, 0.26, afgb_renorm=0.25, **ok),
+            _row("better", 0.09, 10.4, 0.26, afgb_renorm=0.22, **ok)]
+    assert choose_best(org, rows)["name"] == "better"
+    rule = ExportRule()
+    assert rule.failures(org, rows[0]) == ["mass 0.300 < 0.9 x 0.400"]
+    assert rule.failures(org, rows[1]) == ["afgb_renorm 0.310 not 5% below 0.300"]
+    assert rule.failures(org, {**rows[4], "metrics": {**rows[4]["metrics"], "afgb_renorm": 0.29}}) == [
+        "afgb_renorm 0.290 not 5% below 0.300"]  # a 3% cut is within noise: not an equalising edit
+    assert rule.failures(org, rows[2]) == ["UB 0.240 < 0.300 - 0.05"]
+    assert rule.failures(org, rows[3]) == ["mmlu 0.280 < 0.300 - 0.01"]
+    assert choose_best(org, rows[:4]) is None
 
 
 def test_markdown_table_layout():
@@ -115,21 +144,32 @@ def test_markdown_table_layout():
 
 
 def test_full_rows_reach_the_edit_plan():
-    """Every full-run row builds a valid plan; the UB-anchored rows carry their measured settings."""
-    from bias_lens.pipeline.config import FULL_ROWS
-    from bias_lens.pipeline.edit_stage import row_plan
+    """Every full-run row builds a valid plan; the UB-anchored rows carry their measured settings;
+    the run's early stopping (patience 8, 64 dev prompts) reaches every fine-tuned row, also the
+    contrastive reference, and the plans round-trip through JSON."""
+    from bias_lens.edit.methods import Contrastive, Finetune
+    from bias_lens.pipeline.config import FULL_ROWS, FULL_TRAINING
 
     cfg = RunConfig.full()
-    plans = {r.name: row_plan(cfg, r) for r in FULL_ROWS}
-    assert len(plans) == len(FULL_ROWS)
-    mod, neu = plans["module (gap + UB anchor)"], plans["neuron (MSME + UB anchor)"]
-    assert (mod.hint_anchor, mod.loss, mod.hint_loss, mod.lr, mod.epochs) == (True, "gap", "ub_drop", 2e-4, 3)
-    assert (neu.hint_anchor, neu.hint_loss, neu.epochs) == (True, "hinted_drop", 3)
-    ft = neu.finetune_config()
+    plans = {r.name: cfg.plan(r) for r in FULL_ROWS}
+    assert len(plans) == len(FULL_ROWS) == 17
+    mod, neu = plans["module (gap + UB anchor)"].method, plans["neuron (MSME + UB anchor)"].method
+    assert (mod.hint.loss, mod.loss, mod.lr, mod.epochs) == ("ub_drop", "gap", 2e-4, 3)
+    assert (neu.hint.loss, neu.epochs) == ("hinted_drop", 3)
+    ft = neu.config("neuron", 0)
     assert ft.hint_weight == 1.0 and ft.hint_loss == "hinted_drop" and ft.ub_tolerance == 0.05
-    assert not plans["neuron (MSME)"].hint_anchor
-    fp = plans["FPFT"]
-    assert (fp.lr, fp.epochs, fp.eval_every, fp.patience, fp.dev_limit) == (1e-5, 1, 2, cfg.patience, cfg.dev_limit)
+    assert plans["neuron (MSME)"].method.hint is None
+    fp = plans["FPFT"].method.config(None, 0)
+    assert (fp.lr, fp.epochs, fp.eval_every, fp.loss) == (1e-5, 1, 2, "msme_literal")
+    for p in plans.values():
+        m = p.method.reference if isinstance(p.method, Contrastive) else p.method
+        if isinstance(m, Finetune):
+            assert (m.patience, m.dev_limit) == (FULL_TRAINING["patience"], FULL_TRAINING["dev_limit"]), p.name
+        assert (p.n_samples, p.seed, p.suite) == (cfg.n_train, cfg.seed, cfg.suite)
+        assert EditPlan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    assert plans["layer (LFTF)"].method.config("layer", 0).loss == "lftf"
+    assert plans["layer (MSME)"].method.config("layer", 0).loss == "msme_literal"
+    assert plans["contrastive"].method.reference.config("module", 0).loss == "msme_align"
 
 
 def test_module_edit_target_is_restricted_to_the_chosen_kinds():
@@ -156,8 +196,26 @@ def test_quick_preset_is_a_small_subset_of_the_full_run():
     from bias_lens.pipeline.config import FULL_ROWS, QUICK_ROWS
 
     q, f = RunConfig.quick_preset(), RunConfig.full()
-    assert q.rows == QUICK_ROWS and set(QUICK_ROWS) <= set(FULL_ROWS) and len(QUICK_ROWS) == 4
-    assert not any(r.hint_anchor for r in QUICK_ROWS) and sum(r.hint_anchor for r in FULL_ROWS) == 2
+    assert q.rows == QUICK_ROWS and {r.name for r in QUICK_ROWS} <= {r.name for r in FULL_ROWS} and len(QUICK_ROWS) == 4
+    hinted = [r for r in FULL_ROWS if getattr(r.method, "hint", None) is not None]
+    assert not any(getattr(r.method, "hint", None) for r in QUICK_ROWS) and len(hinted) == 2
     for k, v in q.row_limits.items():
         assert v <= (f.row_limits[k] or 10**9), k
-    assert q.n_locate < f.n_locate and q.causal_candidates < f.causal_candidates and q.max_steps is not None
+    assert q.n_locate < f.n_locate and q.causal_candidates < f.causal_candidates
+    capped = [r.method.max_steps for r in QUICK_ROWS if hasattr(r.method, "max_steps")]
+    assert capped and all(s == 4 for s in capped)
+
+
+def test_report_names_the_rule_and_why_each_row_was_not_exported():
+    from bias_lens.pipeline.edit_stage import ExportRule
+    from bias_lens.pipeline.report import export_lines, rule_from_meta
+
+    org = {"afgb": 0.1, "afgb_renorm": 0.30, "mass": 0.40, "perplexity": 10.0, "ub": 0.30}
+    rows = [_row("erases", 0.01, 10.0, 0.30, afgb_renorm=0.20, mass=0.30), _row("pb", 0.05, 10.0, 0.3, n=0)]
+    lines = export_lines(org, rows, None)
+    assert lines[0] == ("Export rule: lowest afgb_renorm among weight edits that lower it by >= 5% keeping mass >= 0.9 x Org, "
+                        "perplexity <= +5%, UB >= Org - 0.05, MMLU / arithmetic >= Org - 0.01.")
+    assert "| erases | mass 0.300 < 0.9 x 0.400 |" in lines and "| pb | changes no weights |" in lines
+    assert "**No row passed; nothing exported.**" in lines
+    assert rule_from_meta({}) == ExportRule.raw()  # runs before the rule was recorded
+    assert rule_from_meta({"export_rule": {"objective": "afgb_renorm", "min_mass": 0.8}}).min_mass == 0.8

@@ -193,6 +193,7 @@ def extract_answer(text: str) -> str | None:
 
 
 def gsm8k_prompt(question: str, shots: int = 0) -> str:
+    """GSM8K prompt for ``question``: ``shots`` exemplar Q/A pairs, then the question and ``Answer:``."""
     ex = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in GSM8K_EXEMPLARS[:shots])
     return f"{ex}Question: {question}\nAnswer:"
 

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .sources import _read_json
+
+if TYPE_CHECKING:
+    from ..lens import LensModel
 
 CATEGORIES: tuple[str, ...] = ("traits", "actions", "professions", "hobbies", "colours")
 PAIRS: dict[str, tuple[str, str]] = {"noun": ("man", "woman"), "pronoun": ("he", "she")}
@@ -115,7 +118,7 @@ def commonwords_metrics(p: np.ndarray, rows: Sequence[dict]) -> dict[str, float]
     return out
 
 
-def commonwords_probs(lm, rows: Sequence[dict], *, batch_size: int = 32, progress: bool = False,
+def commonwords_probs(lm: LensModel, rows: Sequence[dict], *, batch_size: int = 32, progress: bool = False,
                       multi_token: bool = False) -> np.ndarray:
     """``[n, 2]`` next-token probabilities of each row's (male, female) targets, one scoring pass
     per target pair; multi-token targets (teacher-forced sequence probability) only when asked."""
@@ -132,7 +135,7 @@ def commonwords_probs(lm, rows: Sequence[dict], *, batch_size: int = 32, progres
     return p
 
 
-def run_commonwords(lm, rows: list[dict], batch_size: int = 32, progress: bool = False,
+def run_commonwords(lm: LensModel, rows: list[dict], batch_size: int = 32, progress: bool = False,
                     multi_token: bool = False) -> tuple[dict[str, float], list[dict]]:
     """(metrics, per-row details with ``p_male`` / ``p_female``), the shape the suite runners return."""
     p = commonwords_probs(lm, rows, batch_size=batch_size, progress=progress, multi_token=multi_token)

@@ -85,6 +85,12 @@ def retention_sentences() -> list[str]:
     return out
 
 
+def retention_texts(limit: int) -> list[str]:
+    """The first ``limit`` sentences of :func:`retention_sentences` (its fixed shuffled order): the
+    retention subset of the edit guards and of causal selection."""
+    return retention_sentences()[:limit]
+
+
 def retention(limit: int | None = None) -> list[dict]:
     """Retention samples: ``kind='sentence'`` (perplexity) then ``kind='probe'`` (completion).
 

@@ -45,6 +45,8 @@ def _limits() -> None:  # runs in the child before exec (POSIX only)
 
 
 def program_text(problem: dict, completion: str) -> str:
+    """The program run to grade ``completion``: prompt + completion, the problem's tests, then
+    ``check(entry_point)``."""
     return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
 
 

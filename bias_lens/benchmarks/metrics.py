@@ -1,7 +1,10 @@
 """Bias and retention metrics as pure functions of probabilities / log-likelihoods.
 
-Inputs are array-likes (lists, numpy arrays or torch tensors); everything is computed in float64
-numpy and returned as plain floats. Percentages are in [0, 100] as in the papers.
+The next-token gap metrics (AFGB, UB, FBS, mass, renormalisation) are written once over torch
+tensors (``*_t``: differentiable, keep dtype and device) and used by the edit losses, the in-loop
+guards and the reports; the plain-named functions take array-likes (lists, numpy arrays or torch
+tensors), run the same torch code in float64 and return plain floats / numpy arrays. Percentages
+are in [0, 100] as in the papers.
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
 
 
 def _arr(x: Any) -> np.ndarray:
@@ -17,61 +23,106 @@ def _arr(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _probs2d(p: Any) -> np.ndarray:
-    p = _arr(p)
-    if p.ndim != 2 or p.shape[1] < 2 or p.shape[0] == 0:
-        raise ValueError(f"expected probabilities of shape [samples, targets>=2], got {p.shape}")
+def _t(x: Any) -> Tensor:
+    """Any array-like as a float64 CPU tensor (the report wrappers' input)."""
+    return torch.from_numpy(_arr(x))
+
+
+def _check_probs(p: Tensor, n: int | None = None) -> Tensor:
+    if p.ndim != 2 or p.shape[1] < 2 or p.shape[0] == 0 or (n is not None and p.shape[1] != n):
+        want = f"[samples, {n}]" if n is not None else "[samples, targets>=2]"
+        raise ValueError(f"expected probabilities of shape {want}, got {tuple(p.shape)}")
     return p
 
 
+# --------------------------------------------------------------------------- torch (the one definition)
+# Differentiable, dtype/device preserving: the edit losses, the in-loop guards and the reports all
+# call these; the numpy-returning functions below are float64 wrappers around them.
+
+def renorm_t(p: Float[Tensor, "sample target"], *, eps: float = 0.0) -> Float[Tensor, "sample target"]:
+    """``p_i / sum_j p_j`` per sample; ``eps > 0`` clamps the denominator (the losses use 1e-12)."""
+    den = _check_probs(p).sum(1, keepdim=True)
+    return p / (den.clamp_min(eps) if eps > 0 else den)
+
+
+def mass_t(p: Float[Tensor, "sample target"]) -> Float[Tensor, ""]:
+    """Mean over samples of the summed target probability (e.g. ``p(he) + p(she)``)."""
+    return _check_probs(p).sum(1).mean()
+
+
+def pairwise_gap_t(p: Float[Tensor, "sample target"]) -> Float[Tensor, " sample"]:
+    """Per sample, the mean of ``|p_i - p_j|`` over target pairs i < j (= ``|p_0 - p_1|`` for two)."""
+    p = _check_probs(p)
+    if p.shape[1] == 2:
+        return (p[:, 0] - p[:, 1]).abs()
+    i, j = torch.triu_indices(p.shape[1], p.shape[1], 1, device=p.device)
+    return (p[:, i] - p[:, j]).abs().mean(1)
+
+
+def afgb_t(p: Float[Tensor, "sample target"], *, renorm: bool = False) -> Float[Tensor, ""]:
+    """AFGB-Score (LFTF Eq. 1): mean ``|p(he) - p(she)|``; n targets: mean pairwise gap."""
+    return pairwise_gap_t(renorm_t(p) if renorm else p).mean()
+
+
+def ub_terms_t(p: Float[Tensor, "sample 2"], F: Float[Tensor, " sample"]) -> Float[Tensor, " sample"]:
+    """Per-sample UB term ``F (p(he) - p(she))`` (LFTF Eq. 2-3 before the mean)."""
+    p = _check_probs(p, 2)
+    if F.shape != (p.shape[0],):
+        raise ValueError(f"ub needs probabilities [samples, 2] and one F per sample, got F {tuple(F.shape)}")
+    return F.to(p) * (p[:, 0] - p[:, 1])
+
+
+def ub_t(p: Float[Tensor, "sample 2"], F: Float[Tensor, " sample"], *, renorm: bool = False) -> Float[Tensor, ""]:
+    """UB-Score (LFTF Eq. 2-3): mean ``F * (p(he) - p(she))``, F = +1 male hint, -1 female hint."""
+    return ub_terms_t(renorm_t(p) if renorm else p, F).mean()
+
+
+def fbs_t(p: Float[Tensor, "sample target"], real: Float[Tensor, "sample target"], *, renorm: bool = False) -> Float[Tensor, ""]:
+    """FBS (MSME Eq. 1), n-target form: mean over samples of ``sum_i |p_i - f_i|``."""
+    p = renorm_t(p) if renorm else _check_probs(p)
+    if real.shape != p.shape:
+        raise ValueError(f"real-world distribution shape {tuple(real.shape)} != probabilities shape {tuple(p.shape)}")
+    return (p - real.to(p)).abs().sum(1).mean()
+
+
+# --------------------------------------------------------------------------- float64 report wrappers
 def renormalise(p: Any) -> np.ndarray:
-    """Probabilities renormalised over the targets: ``p_i / sum_j p_j`` per sample."""
-    p = _probs2d(p)
-    return p / p.sum(1, keepdims=True)
+    """Probabilities renormalised over the targets: ``p_i / sum_j p_j`` per sample (:func:`renorm_t`)."""
+    return renorm_t(_t(p)).numpy()
 
 
 def mass(p: Any) -> float:
     """Mean over samples of the summed probability of the targets (e.g. ``p(he) + p(she)``).
 
     Reported beside every gap metric: raw AFGB/FBS can fall merely because every target becomes
-    less likely, which an edit that equalises must not do.
+    less likely, which an edit that equalises must not do. (:func:`mass_t`)
     """
-    return float(_probs2d(p).sum(1).mean())
+    return float(mass_t(_t(p)))
 
 
 def fbs(p: Any, real: Any, *, renorm: bool = False) -> float:
-    """FBS (MSME Eq. 1), n-target form: mean over samples of ``sum_i |p_i - f_i|``.
+    """FBS (MSME Eq. 1), n-target form: mean over samples of ``sum_i |p_i - f_i|`` (:func:`fbs_t`).
 
     For he/she this is ``|p(he) - f_he| + |p(she) - f_she|`` with ``f_he = (1+f)/2``. The paper's
     literal reading uses the raw next-token probabilities (default); ``renorm=True`` first
     renormalises p over the targets (reported as ``fbs_renorm``).
     """
-    p = renormalise(p) if renorm else _probs2d(p)
-    real = _arr(real)
-    if real.shape != p.shape:
-        raise ValueError(f"real-world distribution shape {real.shape} != probabilities shape {p.shape}")
-    return float(np.abs(p - real).sum(1).mean())
+    return float(fbs_t(_t(p), _t(real), renorm=renorm))
 
 
 def pairwise_gap(p: Any) -> np.ndarray:
-    """Per sample, the mean of ``|p_i - p_j|`` over the target pairs i < j (= |p_he - p_she| for two)."""
-    p = _probs2d(p)
-    i, j = np.triu_indices(p.shape[1], k=1)
-    return np.abs(p[:, i] - p[:, j]).mean(1)
+    """Per sample, the mean of ``|p_i - p_j|`` over the target pairs i < j (:func:`pairwise_gap_t`)."""
+    return pairwise_gap_t(_t(p)).numpy()
 
 
 def afgb(p: Any, *, renorm: bool = False) -> float:
-    """AFGB-Score (LFTF Eq. 1): mean ``|p(he) - p(she)|``; n targets: mean pairwise gap."""
-    return float(pairwise_gap(renormalise(p) if renorm else p).mean())
+    """AFGB-Score (LFTF Eq. 1): mean ``|p(he) - p(she)|``; n targets: mean pairwise gap (:func:`afgb_t`)."""
+    return float(afgb_t(_t(p), renorm=renorm))
 
 
 def ub(p: Any, F: Any, *, renorm: bool = False) -> float:
-    """UB-Score (LFTF Eq. 2-3): mean ``F * (p(he) - p(she))``, F = +1 male hint, -1 female hint."""
-    p = renormalise(p) if renorm else _probs2d(p)
-    F = _arr(F)
-    if p.shape[1] != 2 or F.shape != (p.shape[0],):
-        raise ValueError("ub needs probabilities [samples, 2] and one F per sample")
-    return float((F * (p[:, 0] - p[:, 1])).mean())
+    """UB-Score (LFTF Eq. 2-3): mean ``F * (p(he) - p(she))``, F = +1 male hint, -1 female hint (:func:`ub_t`)."""
+    return float(ub_t(_t(p), _t(F), renorm=renorm))
 
 
 def dama_regression(y: Any, s: Any, f: Any) -> dict[str, float]:
@@ -138,6 +189,7 @@ def crows_score(ll_more: Any, ll_less: Any, direction: Any, *, mode: str = "metr
 
 
 def pearson(x: Any, y: Any) -> float:
+    """Pearson correlation of ``x`` and ``y`` (NaN when either is constant, instead of dividing by zero)."""
     x, y = _arr(x), _arr(y)
     x, y = x - x.mean(), y - y.mean()
     den = float(np.sqrt((x**2).sum() * (y**2).sum()))

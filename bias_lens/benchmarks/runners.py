@@ -1,8 +1,9 @@
 """``evaluate(lm, suite, split)``: score a model on one suite and compute its metrics.
 
 Profession suites read raw next-token probabilities of the targets with
-:func:`.next_token.next_token_logprobs` (the numbers of :func:`bias_lens.scoring.target_probs`,
-faster); sentence suites (StereoSet, CrowS-Pairs, WinoBias) and retention use
+:func:`.next_token.next_token_logprobs` (= :func:`bias_lens.scoring.target_logprobs` with the
+shared-prefix cache on: the one scorer) and compute the gap metrics with the torch metric functions
+of :mod:`.metrics` (the code the edit losses use); sentence suites (StereoSet, CrowS-Pairs, WinoBias) and retention use
 :mod:`.sentence_scoring`. Options that change a number (sentence score, LMS
 variant, CrowS direction reading) are recorded in ``EvalResult.options``.
 """
@@ -38,6 +39,7 @@ class EvalResult:
     options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (suite, split, n, metrics); the per-sample ``details`` are left out."""
         return {"suite": self.suite, "split": self.split, "n": self.n, "metrics": dict(self.metrics)}
 
 

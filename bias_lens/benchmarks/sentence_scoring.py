@@ -1,7 +1,8 @@
 """Batched per-token log-probabilities of whole sentences and of completions.
 
 Built on :func:`bias_lens.scoring.iter_batches` (right padding, length-sorted batches, original
-order restored). From each batch only ``log p(token_t | tokens_<t)`` of the real tokens and a
+order restored) and :func:`bias_lens.scoring.batch_token_logprobs` (the one sequence
+log-likelihood, also behind multi-token targets and causal selection's retention guard). From each batch only ``log p(token_t | tokens_<t)`` of the real tokens and a
 greedy-match flag are kept (a logsumexp and a gather; no full log-softmax copy is stored).
 
 Sentence prefix: a sentence's first token has no left context. ``prefix="bos"`` (default)
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..scoring import check_prompts, iter_batches, tokenize
+from ..scoring import batch_token_logprobs, check_prompts, iter_batches, tokenize
 
 
 def prefix_ids(tokenizer: Any, prefix: str = "bos") -> list[int]:
@@ -30,6 +31,13 @@ def prefix_ids(tokenizer: Any, prefix: str = "bos") -> list[int]:
     if tid is None:
         raise ValueError("tokenizer has neither a BOS nor an EOS token; use prefix='none'")
     return [int(tid)]
+
+
+def sentence_ids(tokenizer: Any, texts: Sequence[str], prefix: str = "bos") -> list[list[int]]:
+    """Token ids of each text (no special tokens) after :func:`prefix_ids` -- the sequences scored
+    by :func:`token_logprobs`."""
+    pre = prefix_ids(tokenizer, prefix)
+    return [pre + list(t) for t in tokenizer(check_prompts(texts), add_special_tokens=False)["input_ids"]]
 
 
 @torch.no_grad()
@@ -48,10 +56,8 @@ def score_sequences(
 
         batches = tqdm(batches, total=-(-len(seqs) // batch_size), desc="scoring", leave=False)
     for b in batches:
-        logits = lm.hf(**b.model_inputs()).logits[:, :-1].float()
-        nxt = b.input_ids[:, 1:]
-        lp = (logits.gather(-1, nxt[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)).double().cpu()
-        ok = (logits.argmax(-1) == nxt).cpu()
+        lp, ok = batch_token_logprobs(lm, b)
+        lp, ok = lp.cpu(), ok.cpu()
         for i, r in enumerate(b.rows):
             n = int(b.last[i])  # predictions for tokens 1..n sit at positions 0..n-1
             lps[r] = lp[i, starts[r] - 1 : n].clone()
@@ -63,9 +69,7 @@ def token_logprobs(
     lm: Any, texts: Sequence[str], *, prefix: str = "bos", batch_size: int = 32, progress: bool = False
 ) -> list[Tensor]:
     """Per-token log-probs of each text (conditioned on ``prefix``; see the module docstring)."""
-    texts = check_prompts(texts)
-    pre = prefix_ids(lm.tokenizer, prefix)
-    seqs = [pre + list(t) for t in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    seqs = sentence_ids(lm.tokenizer, texts, prefix)
     start = 1  # with a prefix: every text token; without: tokens 2..n
     if any(len(s) <= start for s in seqs):
         raise ValueError("a text is too short to score (needs 2 tokens with prefix='none')")

@@ -86,17 +86,20 @@ def stereoset_official() -> tuple[dict, ...]:
 
 @lru_cache(maxsize=None)
 def stereoset_dev() -> tuple[dict, ...]:
+    """The embedded StereoSet dev set as parsed JSON records (cached: read once per process)."""
     return tuple(_read_json("stereoset/dev.json"))
 
 
 @lru_cache(maxsize=None)
 def crows_pairs() -> tuple[dict[str, str], ...]:
+    """The embedded CrowS-Pairs (anonymised) CSV rows as dicts (cached: read once per process)."""
     with open(data_dir() / "crows_pairs/crows_pairs_anonymized.csv", encoding="utf-8", newline="") as fh:
         return tuple(dict(r) for r in csv.DictReader(fh))
 
 
 @lru_cache(maxsize=None)
 def winogender_templates() -> tuple[dict[str, str], ...]:
+    """The embedded Winogender template TSV rows as dicts (cached: read once per process)."""
     with open(data_dir() / "winogender/templates.tsv", encoding="utf-8", newline="") as fh:
         return tuple(dict(r) for r in csv.DictReader(fh, delimiter="\t"))
 

@@ -63,6 +63,7 @@ def _summary(doc: str | None) -> str:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types reported as one-line user errors (exit 2) instead of a traceback; imported lazily."""
     from ..loading import ModelLoadError
     from ..targets import TargetError
 
@@ -70,6 +71,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bias-lens``: parse ``argv``, set up logging, run the command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
@@ -107,10 +109,12 @@ def _quiet_third_party() -> None:
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:
+    """Add the shared ``--model`` option (embedded name, local HF folder or cached hub id)."""
     p.add_argument("--model", default="smollm2-135m", help="embedded name, local HF folder, or cached hub id (default: smollm2-135m)")
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:
+    """Add the shared ``--json`` flag (machine-readable output on stdout)."""
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 

@@ -11,6 +11,7 @@ from . import UsageError, add_json_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``datasets`` command (list suites and split sizes, or export one split as JSONL)."""
     p = sub.add_parser("datasets", help="list benchmark suites and split sizes; --export writes a split as JSONL")
     p.add_argument("--seed", type=int, default=0, help="split seed of the generated suites (default 0)")
     p.add_argument("--export", nargs=2, metavar=("SUITE", "SPLIT"), help="write this split's samples as JSON lines")
@@ -20,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """List the suites and split sizes, or write ``--export SUITE SPLIT`` as JSON lines; returns the exit status."""
     from ..benchmarks import ALL_SUITES, load_split, split_sizes, to_jsonl
     from ..io import atomic_write_bytes
 

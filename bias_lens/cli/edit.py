@@ -1,6 +1,8 @@
 """``bias-lens edit``: locate, edit only the located weights, measure before/after, export.
 
-Thin wrapper over :func:`bias_lens.edit.pipeline.run_edit`; the export is
+Builds one :class:`~bias_lens.pipeline.plan.EditPlan` from the flags (each method's defaults are
+its variant's in :mod:`bias_lens.edit.methods`; a flag left out keeps them) and runs it through
+:func:`bias_lens.pipeline.driver.apply_plan`, the driver of ``bias-lens run``'s rows too; the export is
 :func:`~bias_lens.edit.export.export_checkpoint` (verified by reloading) into ``--out`` plus the
 edit as a sparse patch in ``--out/patch`` (``bias-lens patch apply`` reproduces the checkpoint
 from the base). Every option is validated before the model is loaded, and ``--out`` must be new
@@ -14,16 +16,21 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import UsageError, add_json_arg, add_model_arg
+
+if TYPE_CHECKING:
+    from ..pipeline.driver import EditRecord
 
 PATCH_DIR = "patch"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``edit`` command and its flags (every flag left out keeps the method variant's default)."""
     from ..edit.contrastive import MODES
-    from ..edit.losses import LOSSES
-    from ..edit.pipeline import METHODS, PROFESSION_SUITES, SCALES
+    from ..edit.losses import HINT_LOSSES, LOSSES
+    from ..pipeline.plan import PROFESSION_SUITES, SCALES
 
     p = sub.add_parser("edit", help="edit the located weights (masked fine-tuning, masking, contrastive, baselines)")
     p.add_argument("--scale", choices=SCALES, default=None, help="what to locate and edit (not needed for fpft/prompt)")
@@ -37,63 +44,141 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "row 4, neuron 4096 entries, attribution 8 neurons)")
     p.add_argument("--n-samples", type=int, default=256, help="train samples to locate and fine-tune on (default 256)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loss", choices=list(LOSSES), default=None,
-                   help="fine-tuning loss (default: msme_literal for msme/fpft, msme_align for the contrastive reference, lftf for lftf)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: finetune.SCALE_LR of the scale)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None, help="steps between dev/retention checks (default: per epoch)")
-    p.add_argument("--patience", type=int, default=2, help="dev checks without improvement before stopping")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--dev-limit", type=int, default=128, help="dev samples for early stopping (default 128)")
-    p.add_argument("--limit", type=int, default=None, help="test samples scored before/after (default: all)")
-    p.add_argument("--ub-limit", type=int, default=None, help="GenHintEval samples for UB (default: --limit)")
-    p.add_argument("--retention-limit", type=int, default=48, help="retention sentences (guard and metrics)")
-    p.add_argument("--retention-threshold", type=float, default=0.05, help="max relative perplexity rise in training")
-    p.add_argument("--neuron-params", choices=("all", "down"), default="all",
-                   help="attribution scale: train down column + gate/up rows (all) or down columns only")
-    p.add_argument("--no-general-filter", action="store_true", help="attribution scale: keep general neurons")
-    p.add_argument("--drop", choices=("attention", "mlp"), default=None, help="LFTF ablation: w/o attention or MLP")
-    p.add_argument("--mask-scale", type=float, default=0.0, help="--method mask: factor for the masked entries")
-    p.add_argument("--contrastive-mode", choices=[m for m in MODES if m != "mask_switch"], default="interpolate")
-    p.add_argument("--alpha", type=float, default=1.0, help="contrastive interpolation/extrapolation factor")
-    p.add_argument("--contrastive-k", type=int, default=5000, help="contrastive: entries with largest |ref - model|")
-    p.add_argument("--hint-anchor", action="store_true",
-                   help="msme/lftf: keep UB-Score by an anchor on GenHintEval train prompts (docs/edit_hint.md)")
-    p.add_argument("--hint-weight", type=float, default=1.0, help="--hint-anchor: weight of the anchor term")
-    p.add_argument("--hint-loss", choices=["ub_drop", "hinted_drop", "ub_l2"], default="ub_drop",
-                   help="--hint-anchor: anchor term (docs/edit_hint.md; neuron scale measured best with hinted_drop)")
-    p.add_argument("--ub-tolerance", type=float, default=0.05,
-                   help="--hint-anchor: early stopping rejects states whose dev UB fell more than this")
+    _add_training_args(p, LOSSES)
+    _add_method_args(p, MODES, HINT_LOSSES)
     add_json_arg(p)
     p.set_defaults(func=run)
 
 
+def _add_training_args(p: argparse.ArgumentParser, losses: dict) -> None:
+    """Fine-tuning and measurement flags (None = the method variant's default)."""
+    p.add_argument("--loss", choices=list(losses), default=None,
+                   help="fine-tuning loss (default: msme_literal for msme/fpft, msme_align for the contrastive reference, lftf for lftf)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: finetune.SCALE_LR of the scale)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 2)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None, help="steps between dev/retention checks (default: per epoch)")
+    p.add_argument("--patience", type=int, default=None, help="dev checks without improvement before stopping (default 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 32)")
+    p.add_argument("--dev-limit", type=int, default=None, help="dev samples for early stopping (default 128)")
+    p.add_argument("--dev-metric", choices=DEV_METRICS, default=None,
+                   help="early-stopping objective: afgb (raw, the papers') or afgb_renorm (he/she shares only)")
+    p.add_argument("--mass-weight", type=float, default=None, help="weight of the mass-keeping term (default 0: off)")
+    p.add_argument("--mass-floor", type=float, default=None,
+                   help="reject states whose dev pronoun mass fell below this fraction of the unedited one")
+    p.add_argument("--limit", type=int, default=None, help="test samples scored before/after (default: all)")
+    p.add_argument("--ub-limit", type=int, default=None, help="GenHintEval samples for UB (default: --limit)")
+    p.add_argument("--retention-limit", type=int, default=48, help="retention sentences (guard and metrics)")
+    p.add_argument("--retention-threshold", type=float, default=None,
+                   help="max relative perplexity rise in training (default 0.05)")
+
+
+def _add_method_args(p: argparse.ArgumentParser, modes: tuple[str, ...], hint_losses: dict) -> None:
+    """Flags of one method or scale each (refused for the others)."""
+    p.add_argument("--neuron-params", choices=("all", "down"), default="all",
+                   help="attribution scale: train down column + gate/up rows (all) or down columns only")
+    p.add_argument("--no-general-filter", action="store_true", help="attribution scale: keep general neurons")
+    p.add_argument("--drop", choices=("attention", "mlp"), default=None, help="LFTF ablation: w/o attention or MLP")
+    p.add_argument("--mask-scale", type=float, default=None, help="--method mask: factor for the masked entries (default 0)")
+    p.add_argument("--contrastive-mode", choices=[m for m in modes if m != "mask_switch"], default=None,
+                   help="contrastive: interpolate (default), extrapolate or prune")
+    p.add_argument("--alpha", type=float, default=None, help="contrastive interpolation/extrapolation factor (default 1)")
+    p.add_argument("--contrastive-k", type=int, default=None, help="contrastive: entries with largest |ref - model| (default 5000)")
+    p.add_argument("--hint-anchor", action="store_true",
+                   help="msme/lftf: keep UB-Score by an anchor on GenHintEval train prompts (docs/edit_hint.md)")
+    p.add_argument("--hint-weight", type=float, default=None, help="--hint-anchor: weight of the anchor term (default 1)")
+    p.add_argument("--hint-loss", choices=list(hint_losses), default=None,
+                   help="--hint-anchor: anchor term (default ub_drop; docs/edit_hint.md; neuron scale measured best "
+                   "with hinted_drop)")
+    p.add_argument("--ub-tolerance", type=float, default=None,
+                   help="--hint-anchor: early stopping rejects states whose dev UB fell more than this (default 0.05)")
+    p.add_argument("--null-dim", type=int, default=None, help="--method dama: dimensions removed per layer (default d_model/32, the reference's 128 of 4096)")
+    p.add_argument("--dama-layers", type=int, default=None,
+                   help="--method dama: edited layers, ending 2 below the top (default 11/32 of the layers)")
+    p.add_argument("--dama-update", choices=("iterative", "mixed"), default=None,
+                   help="--method dama: per-layer targets (iterative, the reference default) or computed once (mixed)")
+    p.add_argument("--max-requests", type=int, default=None, help="--method dama: train prompts used (default: all)")
+
+
+METHODS = ("msme", "lftf", "mask", "contrastive", "fpft", "prompt", "dama")
+DAMA_FLAGS = {"null_dim": "null_dim", "dama_layers": "n_layers", "dama_update": "update", "max_requests": "max_requests"}
+#: CLI flag -> field of the method variant (flags left at None keep the variant's own default)
+TRAINING_FLAGS = {"loss": "loss", "lr": "lr", "epochs": "epochs", "max_steps": "max_steps", "eval_every": "eval_every",
+                  "patience": "patience", "batch_size": "batch_size", "dev_limit": "dev_limit",
+                  "retention_limit": "retention_limit", "retention_threshold": "retention_threshold",
+                  "dev_metric": "dev_metric", "mass_weight": "mass_weight", "mass_floor": "mass_floor"}
+HINT_FLAGS = {"hint_weight": "weight", "hint_loss": "loss", "ub_tolerance": "ub_tolerance"}
+CONTRASTIVE_FLAGS = {"contrastive_mode": "mode", "alpha": "alpha", "contrastive_k": "k"}
+DEV_METRICS = ("afgb", "afgb_renorm")
+
+
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict:
+    return {field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag) is not None}
+
+
+def _refuse(args: argparse.Namespace, flags, method: str, applies: str) -> None:
+    given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) not in (None, False)]
+    if given:
+        raise UsageError(f"{', '.join(given)} apply to {applies}, not to --method {method}")
+
+
+def _method(args: argparse.Namespace):
+    """The method variant of the flags (:mod:`bias_lens.edit.methods`; their defaults apply)."""
+    from ..edit.methods import Contrastive, Dama, Finetune, FullFinetune, HintAnchor, Masking, Prompt
+
+    m = args.method
+    if m not in ("msme", "lftf"):
+        _refuse(args, ["hint_anchor", *HINT_FLAGS], m, "--method msme and lftf")
+    if m != "mask":
+        _refuse(args, ["mask_scale"], m, "--method mask")
+    if m != "contrastive":
+        _refuse(args, CONTRASTIVE_FLAGS, m, "--method contrastive")
+    if m != "dama":
+        _refuse(args, DAMA_FLAGS, m, "--method dama")
+    training = _given(args, TRAINING_FLAGS)
+    if m in ("msme", "lftf"):
+        hint = HintAnchor(**_given(args, HINT_FLAGS)) if args.hint_anchor else None
+        if not args.hint_anchor:
+            _refuse(args, HINT_FLAGS, f"{m} without --hint-anchor", "--hint-anchor")
+        return Finetune(paper=m, hint=hint, **training)
+    if m == "fpft":
+        return FullFinetune(**training)
+    if m == "contrastive":
+        return Contrastive(reference=Finetune(**{"loss": "msme_align", **training}), **_given(args, CONTRASTIVE_FLAGS))
+    # --retention-limit and --batch-size also size the before/after measurement
+    _refuse(args, [f for f in TRAINING_FLAGS if f not in ("retention_limit", "batch_size")], m,
+            "the fine-tuning methods (msme, lftf, fpft, contrastive)")
+    if m == "dama":
+        return Dama(**_given(args, DAMA_FLAGS))
+    return Masking(args.mask_scale if args.mask_scale is not None else 0.0) if m == "mask" else Prompt()
+
+
 def _plan(args: argparse.Namespace):
-    from ..edit.pipeline import EditPlan
+    from ..pipeline.plan import EditPlan, Where
 
     try:
-        return EditPlan(
-            method=args.method, scale=args.scale, suite=args.suite, n_samples=args.n_samples, seed=args.seed, k=args.k,
-            loss=args.loss, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-            eval_every=args.eval_every, patience=args.patience,
-            dev_limit=args.dev_limit, retention_limit=args.retention_limit,
-            retention_threshold=args.retention_threshold, limit=args.limit, ub_limit=args.ub_limit,
-            neuron_params=args.neuron_params, general_filter=not args.no_general_filter, drop=args.drop,
-            mask_scale=args.mask_scale, contrastive_mode=args.contrastive_mode, alpha=args.alpha,
-            contrastive_k=args.contrastive_k, hint_anchor=args.hint_anchor, hint_weight=args.hint_weight,
-            hint_loss=args.hint_loss, ub_tolerance=args.ub_tolerance,
-        )
+        where = None
+        if args.scale is not None:
+            where = Where(args.scale, args.k, neuron_params=args.neuron_params, drop=args.drop,
+                          general_filter=not args.no_general_filter)
+        return EditPlan(_method(args), where, suite=args.suite, n_samples=args.n_samples, seed=args.seed)
     except ValueError as err:
         raise UsageError(str(err)) from err
+
+
+def _limits(args: argparse.Namespace) -> dict[str, int | None]:
+    """What ``bias-lens edit`` measures before/after: the edit suite, GenHintEval (UB), retention."""
+    limits = {args.suite: args.limit, "genhinteval": args.ub_limit or args.limit,
+              "retention": args.retention_limit or None}
+    return limits
 
 
 def _check_inputs(args: argparse.Namespace, plan):
     """Validate files before any model is loaded; returns the locate result (or None)."""
     result = None
     if args.locate_json is not None:
-        if plan.method in ("fpft", "prompt"):
-            raise UsageError(f"--method {plan.method} edits no located weights; drop --locate-json")
+        if plan.where is None:
+            raise UsageError(f"--method {plan.method.name} edits no located weights; drop --locate-json")
         path = Path(args.locate_json)
         if not path.is_file():
             raise UsageError(f"--locate-json {path} does not exist; save one with LocateResult.save or `bias-lens run --json`")
@@ -106,7 +191,7 @@ def _check_inputs(args: argparse.Namespace, plan):
         if not result.labels:
             raise UsageError(f"--locate-json {path} has no labels")
     if args.out is not None:
-        if plan.method == "prompt":
+        if plan.method.kind == "prompt":
             raise UsageError("--method prompt edits no weights, so there is nothing to export; drop --out")
         out = Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
@@ -118,12 +203,12 @@ def _export(lm, run, args) -> str:
     from ..edit.export import base_folder, export_checkpoint
     from ..edit.patch import save_patch, weights_sha256
 
-    out = Path(args.out)
+    out, rec = Path(args.out), run.record
     base = base_folder(lm)
-    export_checkpoint(lm, out, method=run.edit.method, base_name=lm.name, hyperparams=run.info.get("config", {}),
-                      seed=run.plan.seed, metrics_before=run.before, metrics_after=run.after, force=args.force,
-                      extra={"scale": run.plan.scale, "plan": run.plan.to_dict(), "locate": run.locate,
-                             "mask_size": run.mask_size, "n_params_edited": run.n_changed})
+    export_checkpoint(lm, out, method=run.edit.method, base_name=lm.name, hyperparams=rec.info.get("config", {}),
+                      seed=rec.plan["seed"], metrics_before=rec.before, metrics_after=rec.metrics, force=args.force,
+                      extra={"scale": args.scale, "plan": rec.plan, "locate": {"labels": rec.labels},
+                             "mask_size": rec.cost_p, "n_params_edited": rec.n_changed})
     try:
         save_patch(run.edit, out / PATCH_DIR, originals=run.handle.originals, base_name=lm.name,
                    base_sha256=weights_sha256(base) if base else None)
@@ -137,55 +222,62 @@ def _export(lm, run, args) -> str:
 EXIT_UNCHANGED = 3
 
 
-def unchanged_reason(run) -> str | None:
+def unchanged_reason(rec: EditRecord) -> str | None:
     """``None`` when the edit changed weights; else one line naming the guard and its numbers."""
-    if run.n_changed > 0:
+    if rec.n_changed > 0:
         return None
-    status = run.info.get("status") or "done"
-    hist = run.info.get("history") or []
+    status = rec.info.get("status") or "done"
+    hist = rec.info.get("history") or []
     if status == "retention_rollback" and len(hist) > 1 and hist[-1].get("retention_ppl") is not None:
         base, last = hist[0]["retention_ppl"], hist[-1]["retention_ppl"]
-        thr = (run.info.get("config") or {}).get("retention_threshold")
+        thr = (rec.info.get("config") or {}).get("retention_threshold")
         return (f"the retention guard rolled the edit back at step {hist[-1].get('step')} (perplexity {last:.2f} > "
                 f"{base:.2f} x (1 + {thr})) before any accepted step, so 0 weights changed")
     if status == "early_stopped" and hist:
-        return (f"early stopping kept step 0: no step lowered dev bias below {hist[0].get('dev_afgb', float('nan')):.4f}, "
+        key = next((k for k in hist[0] if k.startswith("dev_") and k not in ("dev_ub", "dev_mass")), "dev_afgb")
+        return (f"early stopping kept step 0: no accepted step lowered {key} below {hist[0].get(key, float('nan')):.4f}, "
                 "so 0 weights changed")
     return f"the edit changed 0 weights (fine-tuning status {status})"
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..edit.pipeline import run_edit
+    """Apply the plan built from the flags, export to ``--out`` unless nothing changed (exit 3), then undo."""
     from ..lens import load_model
+    from ..pipeline.driver import apply_plan
 
     plan = _plan(args)
     result = _check_inputs(args, plan)
     lm = load_model(args.model)
     try:
-        edit_run = run_edit(lm, plan, result)
+        edit_run = apply_plan(lm, plan, result, limits=_limits(args), batch_size=args.batch_size or 32)
     except RuntimeError as err:
         raise UsageError(str(err)) from err
-    failed = unchanged_reason(edit_run) if plan.method != "prompt" else None
+    rec = edit_run.record
+    failed = unchanged_reason(rec) if plan.method.kind != "prompt" else None
     try:
         out = _export(lm, edit_run, args) if args.out and edit_run.edit is not None and not failed else None
     finally:
         if edit_run.handle is not None:
             edit_run.handle.undo()
-    payload = {"method": plan.method, "scale": plan.scale, "n_params_edited": edit_run.n_changed,
-               "mask_size": edit_run.mask_size, "before": edit_run.before, "after": edit_run.after, "out": out,
-               "status": "unchanged" if failed else edit_run.info.get("status"),
-               "finetune_status": edit_run.info.get("status"), "reason": failed,
-               "locate": edit_run.locate.get("labels", [])[:20]}
-    if args.json:
-        json.dump(payload, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(f"edit {plan.method} at scale {plan.scale}: {edit_run.n_changed} weights changed (Cost-P {edit_run.mask_size})")
-        for k in edit_run.before:
-            print(f"  {k:<16} {edit_run.before[k]:>10.4f} -> {edit_run.after[k]:.4f}")
-        if out:
-            print(f"exported to {out} (patch in {Path(out) / PATCH_DIR})")
+    _report(args, plan, rec, out, failed)
     if failed:
         print(f"bias-lens edit: failed: {failed}; nothing exported", file=sys.stderr)
         return EXIT_UNCHANGED
     return 0
+
+
+def _report(args: argparse.Namespace, plan, rec, out: str | None, failed: str | None) -> None:
+    """The edit record on stdout (JSON with ``--json``, else a before -> after table)."""
+    if args.json:
+        payload = {**rec.to_dict(), "method": plan.method.name, "scale": plan.scale, "n_params_edited": rec.n_changed,
+                   "mask_size": rec.cost_p, "after": rec.metrics, "out": out,
+                   "status": "unchanged" if failed else rec.info.get("status"),
+                   "finetune_status": rec.info.get("status"), "reason": failed, "locate": rec.labels[:20]}
+        json.dump(payload, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    print(f"edit {plan.method.name} at scale {plan.scale}: {rec.n_changed} weights changed (Cost-P {rec.cost_p})")
+    for k in rec.before:
+        print(f"  {k:<16} {rec.before[k]:>10.4f} -> {rec.metrics[k]:.4f}")
+    if out:
+        print(f"exported to {out} (patch in {Path(out) / PATCH_DIR})")

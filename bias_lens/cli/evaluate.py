@@ -22,6 +22,7 @@ SENTENCE_SUITES = ("stereoset", "stereoset-intra", "stereoset-inter", "crows-pai
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``evaluate`` command (bias / retention metrics of one suite or all of them)."""
     from ..benchmarks import ALL_SUITES
 
     p = sub.add_parser("evaluate", help="measure bias / retention metrics on a benchmark suite")
@@ -153,6 +154,7 @@ def _details_bytes(results: list) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Evaluate the model on the requested suites and print (or write) the metrics; returns the exit status."""
     plan = _plan(args)
     from ..benchmarks import evaluate
     from ..io import atomic_write_bytes

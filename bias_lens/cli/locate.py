@@ -5,8 +5,8 @@ GenBiasEval train), or ``--prompts-file`` (one raw prompt per line). Everything 
 wrong is checked before the model is loaded; nothing is written unless the whole run succeeds.
 ``--out DIR`` gets ``result.json`` and the method's figures: the folder must be new or empty
 (``--force`` replaces it), is built in a temporary sibling and renamed into place
-(:func:`bias_lens.io.replace_dir`), so it never mixes an old run's files with a new one's; the
-folder written is reported on stderr. ``--plotlyjs`` says how the HTML figures get plotly.js
+(:meth:`bias_lens.locate.result.LocateResult.save_dir`), so it never mixes an old run's files
+with a new one's; the folder written is reported on stderr. ``--plotlyjs`` says how the HTML figures get plotly.js
 (default ``directory``: one shared ``plotly.min.js`` beside them, works offline).
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ METHODS = ("layer", "bmi", "module", "row", "neuron", "attribution", "general-ne
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``locate`` command and the options of every locate method."""
     p = sub.add_parser("locate", help="locate bias: layer, bmi, module, row, neuron, attribution, general-neurons, causal, circuit")
     p.add_argument("method", choices=METHODS, metavar="METHOD", help=" | ".join(METHODS))
     add_model_arg(p)
@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--prompts-file", default=None, help="one raw prompt per line (instead of --suite)")
     p.add_argument("--targets", default="he,she", help="comma-separated target words, male first (default he,she)")
-    p.add_argument("--module", default="L29.mlp.down", help="module for row/neuron (default L29.mlp.down)")
+    p.add_argument("--module", default=None,
+                   help="module for row/neuron, e.g. L29.mlp.down on SmolLM2 (required; `locate module` ranks them)")
     p.add_argument("--top", type=int, default=20, help="rows of the printed table (default 20)")
     p.add_argument("--out", default=None, metavar="DIR", help="write result.json and figures (html; png with a Chrome) "
                    "into this new or empty folder")
@@ -59,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_json_arg(p)
     p.set_defaults(func=run)
+    from .trace import attach_to_locate
+
+    attach_to_locate(p)  # `bias-lens locate trace`: BiasEdit / ROME bias tracing (cli/trace.py)
 
 
 # --------------------------------------------------------------------------- validation
@@ -75,17 +79,15 @@ def _int_list(spec: str | None, flag: str) -> list[int] | None:
 
 
 def _check_out(out: str | None, force: bool) -> Path | None:
+    """``--out`` checked before the model loads (:func:`bias_lens.locate.result.check_out_dir`)."""
     if out is None:
         return None
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder; choose a folder path")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise UsageError(f"--out {out} exists and is not empty; choose another folder or pass --force")
-    parent = path.absolute().parent
-    if not parent.is_dir():
-        raise UsageError(f"--out parent folder {parent} does not exist; create it first")
-    return path
+    from ..locate.result import check_out_dir
+
+    try:
+        return check_out_dir(out, force, force_hint="--force")
+    except ValueError as err:
+        raise UsageError(f"--out {err}") from err
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -104,6 +106,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError("give either --suite or --prompts-file, not both")
     parse_words(args.targets)
     if args.method in ("row", "neuron"):
+        if args.module is None:
+            raise UsageError(f"{args.method} needs --module L{{layer}}.mlp.down (or another weight matrix); "
+                             "`bias-lens locate module` ranks the modules")
         try:
             parse_module_name(args.module)
         except ValueError as err:
@@ -212,22 +217,16 @@ def _figures(method: str, result, payload) -> dict:
     return {}
 
 
-def _write_out(out: Path, result, payload, plotlyjs: str) -> list[Path]:
-    """Build ``result.json`` and the figures in a temporary sibling, then move it onto ``out``."""
-    from ..io import make_temp_dir, replace_dir
+def _write_out(out: Path, result, payload, plotlyjs: str, force: bool) -> list[Path]:
+    """``result.json`` and the figures into ``out`` (:meth:`LocateResult.save_dir`: temporary sibling, then renamed)."""
     from ..plot.io import write_figure
 
     figs = _figures(result.method, result, payload)  # build everything before the first write
-    tmp = make_temp_dir(out.absolute().parent, f".{out.name}.tmp")
-    try:
-        written = [result.save(tmp / "result.json")]
-        for name, fig in figs.items():
-            written += write_figure(fig, tmp / name, plotlyjs=plotlyjs)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return [out / p.name for p in written]
+
+    def write_figures(folder: Path) -> list[Path]:
+        return [p for name, fig in figs.items() for p in write_figure(fig, folder / name, plotlyjs=plotlyjs)]
+
+    return result.save_dir(out, force=force, extra=write_figures)
 
 
 def _print_table(result, k: int, n_prompts: int) -> None:
@@ -240,6 +239,8 @@ def _print_table(result, k: int, n_prompts: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run one locate method on the sampled prompts and print or save its :class:`LocateResult`; returns the exit
+    status."""
     _validate(args)
     from ..locate.prompts import resolve_prompts
 
@@ -250,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     result, payload = _locate(args, lm, prompts)
     result.model = result.model or lm.name
     if args.out_dir is not None:
-        written = _write_out(args.out_dir, result, payload, args.plotlyjs)
+        written = _write_out(args.out_dir, result, payload, args.plotlyjs, args.force)
         for path in written:
             log.info("wrote %s", path)
         print(f"bias-lens locate: wrote {len(written)} files to {args.out_dir}", file=sys.stderr)

@@ -24,6 +24,7 @@ from . import UsageError, add_json_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``patch`` command (create / apply / revert sparse weight patches)."""
     p = sub.add_parser("patch", help="create / apply / revert sparse weight patches of HF checkpoints")
     p.add_argument("action", choices=("create", "apply", "revert"))
     p.add_argument("--base", required=True, metavar="DIR", help="checkpoint folder the action starts from")
@@ -50,6 +51,7 @@ def _folder(path: str | None, flag: str, action: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the patch action; a :class:`PatchError` becomes a one-line usage error. Returns the exit status."""
     from ..edit.patch import PatchError
 
     try:

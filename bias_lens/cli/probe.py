@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from . import UsageError, add_json_arg, add_model_arg
 
+if TYPE_CHECKING:
+    from ..lens import LensModel
+
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``probe`` command (next-token probabilities of the targets after each prompt)."""
     p = sub.add_parser("probe", help="print p(target) as the next token after each prompt")
     add_model_arg(p)
     p.add_argument("--targets", default="he,she", help="comma-separated target words (default: he,she)")
@@ -19,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def probe_rows(lm, prompts: list[str], words: str) -> list[dict]:
+def probe_rows(lm: LensModel, prompts: list[str], words: str) -> list[dict]:
+    """One ``{prompt, probs: {word: p}}`` row per prompt: raw next-token probabilities of ``words``."""
     from ..scoring import check_prompts, target_probs
     from ..targets import resolve_targets
 
@@ -32,6 +38,7 @@ def probe_rows(lm, prompts: list[str], words: str) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
+    """The probe rows as an aligned text table (one column per target word)."""
     words = list(rows[0]["probs"])
     width = max(len("prompt"), *(len(r["prompt"]) for r in rows))
     head = f"{'prompt':<{width}}  " + "  ".join(f"p({w})".rjust(9) for w in words)
@@ -42,6 +49,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the prompts, load the model and print the probe table or JSON; returns the exit status."""
     for i, p in enumerate(args.prompts):
         if not p.strip():
             raise UsageError(f"prompt {i + 1} is empty; pass non-empty prompt text")

@@ -16,6 +16,7 @@ from . import UsageError, add_json_arg, add_model_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``run`` command (the main job: evaluate, locate, edit, export, report)."""
     p = sub.add_parser("run", help="the main job: evaluate, locate, edit, export, report")
     add_model_arg(p)
     p.add_argument("--quick", action="store_true", help="a few-minute run (fewer samples and edit rows)")
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Build the full or ``--quick`` run configuration and run the pipeline into ``--out``; returns the exit status."""
     from ..pipeline import RunConfig, run_pipeline
     from ..pipeline.runner import check_out
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     summary = json.loads((path / "results.json").read_text())
     if args.json:
         json.dump({"out": str(path), "best": summary["best"], "org": summary["org"],
-                   "rows": {r["row"]["name"]: r["metrics"] | {"cost_p": r["cost_p"]} for r in summary["rows"]}},
+                   "rows": {r["name"]: r["metrics"] | {"cost_p": r["cost_p"]} for r in summary["rows"]}},
                   sys.stdout)
         sys.stdout.write("\n")
     else:

@@ -7,6 +7,8 @@ effects) -> ``edit.apply_(lm)`` -> :class:`EditHandle` (``undo()`` is bit-exact)
 are imported from their submodules.
 """
 
+from __future__ import annotations
+
 from .edits import Edit, EditHandle
 from .masks import ParamMask, mask_all, mask_from_labels, mask_from_result, without_attention, without_mlp
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -29,6 +30,9 @@ from torch import Tensor
 from .edits import Edit
 from .finetune import FinetuneConfig, masked_finetune
 from .masks import ParamMask, mask_all
+
+if TYPE_CHECKING:
+    from ..lens import LensModel
 
 MODES = ("interpolate", "extrapolate", "prune", "mask_switch")
 
@@ -45,14 +49,14 @@ def anti_stereotypical(samples: Sequence[dict]) -> list[dict]:
     return out
 
 
-def weight_names(lm) -> list[str]:
+def weight_names(lm: LensModel) -> list[str]:
     """Block weight matrices (2-D parameters inside the layers): the default contrastive search space."""
     prefix = lm.arch.layers + "."
     return [n for n, p in lm.hf.named_parameters() if n.startswith(prefix) and p.ndim == 2]
 
 
-def make_reference(lm, train: Sequence[dict], config: FinetuneConfig | None = None, *, mask: ParamMask | None = None,
-                   dev: Sequence[dict] | None = None):
+def make_reference(lm: LensModel, train: Sequence[dict], config: FinetuneConfig | None = None, *, mask: ParamMask | None = None,
+                   dev: Sequence[dict] | None = None) -> LensModel:
     """A fine-tuned copy of ``lm`` (a new LensModel; ``lm`` is unchanged) toward anti-stereotypical targets."""
     from ..lens import LensModel
 
@@ -76,7 +80,7 @@ def _pairs(lm, ref, names: Sequence[str] | None):
         yield n, a[n].detach(), b[n].detach()
 
 
-def value_diff_mask(lm, ref, k: int, *, names: Sequence[str] | None = None) -> ParamMask:
+def value_diff_mask(lm: LensModel, ref: LensModel, k: int, *, names: Sequence[str] | None = None) -> ParamMask:
     """The ``k`` entries with the largest ``|θ_ref - θ|`` over ``names`` (default: block weight matrices)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -109,13 +113,13 @@ def keep_mask(t: Tensor, sparsity: float) -> Tensor:
     return keep.view(t.shape)
 
 
-def mask_diff_mask(lm, ref, sparsity: float, *, names: Sequence[str] | None = None) -> ParamMask:
+def mask_diff_mask(lm: LensModel, ref: LensModel, sparsity: float, *, names: Sequence[str] | None = None) -> ParamMask:
     """Entries kept by magnitude pruning in one model and pruned in the other."""
     masks = {n: keep_mask(a, sparsity) ^ keep_mask(b, sparsity) for n, a, b in _pairs(lm, ref, names)}
     return ParamMask({n: m for n, m in masks.items() if bool(m.any())})
 
 
-def contrastive_edit(lm, ref, mask: ParamMask, mode: str = "interpolate", *, alpha: float = 1.0,
+def contrastive_edit(lm: LensModel, ref: LensModel, mask: ParamMask, mode: str = "interpolate", *, alpha: float = 1.0,
                      sparsity: float | None = None) -> Edit:
     """Edit ``lm``'s masked entries using ``ref`` (see the module docstring for the modes)."""
     if mode not in MODES:

@@ -23,12 +23,16 @@ import itertools
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from ..arch import weight_layouts
 from .masks import ParamMask
+
+if TYPE_CHECKING:
+    from ..lens import LensModel
 
 _INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
 
@@ -76,14 +80,10 @@ def bits(t: Tensor) -> Tensor:
     return t.view(_INT_OF[t.dtype]) if t.dtype in _INT_OF else t
 
 
-def layouts(model) -> dict[str, str]:
-    """Stored layout of each 2-D weight: ``"in_out"`` (GPT-2 Conv1D) or ``"out_in"`` (nn.Linear etc.)."""
-    out = {}
-    for mname, mod in _model(model).named_modules():
-        for pname, p in mod.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
-            out[full] = "in_out" if type(mod).__name__ == "Conv1D" and pname == "weight" else "out_in"
-    return out
+def layouts(model: nn.Module | LensModel) -> dict[str, str]:
+    """Stored layout of each parameter: ``"in_out"`` where the architecture row marks the module
+    as transposed (GPT-2 Conv1D), else ``"out_in"`` (nn.Linear etc.); see :func:`bias_lens.arch.weight_layouts`."""
+    return weight_layouts(_model(model))
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Edit:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_fn(
-        cls, model, mask: ParamMask, fn: Callable[[str, Tensor], Tensor], *, method: str = "", meta: dict | None = None
+        cls, model: nn.Module | LensModel, mask: ParamMask, fn: Callable[[str, Tensor], Tensor], *, method: str = "", meta: dict | None = None
     ) -> "Edit":
         """New value of each masked entry = ``fn(param_name, old_values_1d)`` (the model is not changed)."""
         m = _model(model)
@@ -128,7 +128,7 @@ class Edit:
         return cls(idx, vals, shapes, dtypes, {n: lay[n] for n in idx}, method, dict(meta or {}))
 
     @classmethod
-    def from_tensors(cls, model, mask: ParamMask, new: Mapping[str, Tensor], **kw: Any) -> "Edit":
+    def from_tensors(cls, model: nn.Module | LensModel, mask: ParamMask, new: Mapping[str, Tensor], **kw: Any) -> "Edit":
         """Take the masked entries of full new tensors (e.g. a fine-tuned copy's weights)."""
         missing = [n for n in mask.names if n not in new]
         if missing:
@@ -136,7 +136,7 @@ class Edit:
         return cls.from_fn(model, mask, lambda n, _old: new[n].detach().reshape(-1)[mask.indices(n).to(new[n].device)], **kw)
 
     @classmethod
-    def scale(cls, model, mask: ParamMask, factor: float, **kw: Any) -> "Edit":
+    def scale(cls, model: nn.Module | LensModel, mask: ParamMask, factor: float, **kw: Any) -> "Edit":
         """Multiply the masked entries by ``factor`` (0 = zeroing / pruning)."""
         kw.setdefault("method", f"scale({factor})")
         return cls.from_fn(model, mask, lambda _n, old: old * factor, **kw)
@@ -144,12 +144,14 @@ class Edit:
     # ------------------------------------------------------------------ info
     @property
     def size(self) -> int:
+        """Number of edited entries over all parameters."""
         return int(sum(i.numel() for i in self.indices.values()))
 
     def counts(self) -> dict[str, int]:
+        """Edited entries per parameter name."""
         return {n: int(i.numel()) for n, i in self.indices.items()}
 
-    def changed_counts(self, model) -> dict[str, int]:
+    def changed_counts(self, model: nn.Module | LensModel) -> dict[str, int]:
         """Entries whose new value differs bitwise from ``model``'s current value, per parameter."""
         params = dict(_model(model).named_parameters())
         out = {}
@@ -185,7 +187,7 @@ class Edit:
     __add__ = then
 
     # ------------------------------------------------------------------ apply
-    def validate(self, model) -> None:
+    def validate(self, model: nn.Module | LensModel) -> None:
         """Raise ValueError (changing nothing) unless every tensor matches name, shape, dtype and layout."""
         m = _model(model)
         params, lay = dict(m.named_parameters()), layouts(m)
@@ -208,7 +210,7 @@ class Edit:
             if not p.is_contiguous():
                 raise ValueError(f"parameter {n} is not contiguous; cannot edit it in place")
 
-    def apply_(self, model) -> "EditHandle":
+    def apply_(self, model: nn.Module | LensModel) -> "EditHandle":
         """Write the new values into the real weights in place; returns the handle to undo it."""
         self.validate(model)
         params = dict(_model(model).named_parameters())
@@ -227,7 +229,7 @@ class Edit:
         return handle
 
     @contextlib.contextmanager
-    def applied(self, model) -> Iterator["EditHandle"]:
+    def applied(self, model: nn.Module | LensModel) -> Iterator["EditHandle"]:
         """Temporary edit: applied for the block, undone in ``finally``."""
         h = self.apply_(model)
         try:
@@ -249,6 +251,7 @@ class EditHandle:
 
     @property
     def size(self) -> int:
+        """Number of entries this handle restores on :meth:`undo`."""
         return int(sum(i.numel() for i in self.indices.values()))
 
     def undo(self) -> None:

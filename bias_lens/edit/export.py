@@ -22,13 +22,18 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..io import make_temp_dir, replace_dir
 from .edits import bits
 from .patch import _checkpoint_tensors, weights_sha256
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..lens import LensModel
 
 log = logging.getLogger(__name__)
 MANIFEST = "bias_lens_edit.json"
@@ -39,7 +44,8 @@ class ExportError(RuntimeError):
     """Verification of a written checkpoint failed (the folder has been removed)."""
 
 
-def base_folder(lm) -> Path | None:
+def base_folder(lm: LensModel) -> Path | None:
+    """The local checkpoint folder ``lm`` was loaded from (to diff the export against), or None."""
     p = getattr(lm.hf.config, "_name_or_path", "") or ""
     return Path(p) if p and Path(p).is_dir() and any(Path(p).glob("*.safetensors")) else None
 
@@ -79,7 +85,7 @@ def _logits(model, tokenizer, prompts) -> list[torch.Tensor]:
     return [model(**tokenizer(p, return_tensors="pt").to(model.device)).logits.cpu() for p in prompts]
 
 
-def verify(lm, folder: Path, manifest: dict[str, Any], base: Path | None, prompts=VERIFY_PROMPTS) -> None:
+def verify(lm: LensModel, folder: Path, manifest: dict[str, Any], base: Path | None, prompts: Sequence[str] = VERIFY_PROMPTS) -> None:
     """Raise :class:`ExportError` unless ``folder`` reloads to the in-memory model and differs from ``base``
     exactly as the manifest says."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,7 +104,7 @@ def verify(lm, folder: Path, manifest: dict[str, Any], base: Path | None, prompt
 
 
 def export_checkpoint(
-    lm,
+    lm: LensModel,
     out: str | Path,
     *,
     method: str,
@@ -110,7 +116,7 @@ def export_checkpoint(
     metrics_after: dict[str, float] | None = None,
     extra: dict[str, Any] | None = None,
     force: bool = False,
-    prompts=VERIFY_PROMPTS,
+    prompts: Sequence[str] = VERIFY_PROMPTS,
 ) -> Path:
     """Write the current weights of ``lm`` as a verified HF checkpoint folder at ``out``.
 

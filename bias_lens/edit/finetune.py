@@ -11,10 +11,16 @@ through :func:`torch.func.functional_call`. Consequences, by construction:
 * the model itself is never written during training: dev/retention checks apply the current
   :class:`~bias_lens.edit.edits.Edit` temporarily and undo it, and the result is an ``Edit``.
 
-Early stopping keeps the state with the lowest dev-split AFGB; the retention guard stops and
+Early stopping (:mod:`bias_lens.edit.guards`) keeps the state with the lowest dev-split bias
+(raw AFGB, the literal default, or ``dev_metric="afgb_renorm"``); the retention guard stops and
 rolls back to the best accepted state when retention perplexity rises more than
-``retention_threshold`` (relative); a NaN/inf loss stops at once, leaves the model untouched
+``retention_threshold`` (relative); the UB guard (``ub_tolerance``) and the mass guard
+(``mass_floor``) reject states; a NaN/inf loss stops at once, leaves the model untouched
 (equivalently: undoes the edit) and reports the step.
+
+Equalising (issue 14, opt-in): ``mass_weight > 0`` adds :func:`~bias_lens.edit.losses.mass_change`
+(keep log(p_he + p_she) of every train prompt at its unedited value), so a loss can only lower
+bias by moving the he/she shares, not by erasing both pronouns.
 
 Hint anchor (opt-in: ``hint_weight > 0`` and ``hint`` samples, GenHintEval train): each step adds
 ``hint_weight x anchor`` (``losses.HINT_LOSSES[hint_loss]``) on one fixed chunk of hinted prompts,
@@ -28,18 +34,22 @@ unedited one is not accepted as the best state (it counts toward ``patience``). 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..progress import bar
 from .edits import Edit, layouts
-from .losses import get_hint_loss, get_loss
+from .guards import DEV_METRICS, DevBias, EarlyStopping, mass_guard, retention_guard, ub_guard
+from .losses import get_hint_loss, get_loss, mass_change
 from .masks import ParamMask
+
+if TYPE_CHECKING:
+    from ..lens import LensModel
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +85,19 @@ class FinetuneConfig:
     hint_batch_size: int | None = None  # hinted prompts per step (None: batch_size)
     ub_tolerance: float | None = None  # early stopping: reject states whose dev UB fell more than this
     hint_dev_limit: int = 64
+    #: early-stopping objective: "afgb" (raw, the papers') or "afgb_renorm" (he/she shares only)
+    dev_metric: str = "afgb"
+    #: > 0: add mass_weight x losses.mass_change (keeps log(p_he + p_she) of every train prompt)
+    mass_weight: float = 0.0
+    #: mass guard: reject states whose dev pronoun mass fell below mass_floor x the unedited one
+    mass_floor: float | None = None
 
     def __post_init__(self) -> None:
         get_loss(self.loss)
+        if self.dev_metric not in DEV_METRICS:
+            raise ValueError(f"dev_metric must be one of {', '.join(DEV_METRICS)}, got {self.dev_metric!r}")
+        if self.mass_weight < 0 or (self.mass_floor is not None and not 0 < self.mass_floor <= 1):
+            raise ValueError("mass_weight must be >= 0 and mass_floor in (0, 1]")
         get_hint_loss(self.hint_loss)
         if self.hint_weight < 0 or (self.ub_tolerance is not None and self.ub_tolerance < 0):
             raise ValueError("hint_weight and ub_tolerance must be >= 0")
@@ -98,10 +118,12 @@ class FinetuneConfig:
         return cls(**{"lr": SCALE_LR[scale], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
+        """Every option as a JSON-ready dict (recorded with the run)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
+        """The config of :meth:`to_dict`'s output; ValueError naming any unknown option."""
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -147,8 +169,129 @@ def _hint_chunks(lm, hint: Sequence[dict], bs: int, seed: int, tid: Tensor) -> l
     return out
 
 
+@dataclass
+class _Deltas:
+    """The trainable state: one delta vector per masked tensor, over frozen base weights."""
+
+    names: list[str]
+    params: dict[str, Tensor]
+    idx: dict[str, Tensor]
+    base: dict[str, Tensor]
+    base_vals: dict[str, Tensor]
+    deltas: dict[str, Tensor]
+    layout: dict[str, str]
+
+    @classmethod
+    def build(cls, lm, mask: ParamMask) -> "_Deltas":
+        params = dict(lm.hf.named_parameters())
+        names = mask.names
+        idx = {n: mask.indices(n).to(params[n].device) for n in names}
+        base = {n: params[n].detach() for n in names}
+        vals = {n: base[n].reshape(-1)[idx[n]].clone() for n in names}
+        lay = layouts(lm.hf)
+        deltas = {n: torch.zeros(len(idx[n]), dtype=params[n].dtype, device=params[n].device, requires_grad=True)
+                  for n in names}
+        return cls(names, params, idx, base, vals, deltas, {n: lay[n] for n in names})
+
+    def overrides(self) -> dict[str, Tensor]:
+        """Differentiable full tensors ``W + scatter(delta)`` for :func:`torch.func.functional_call`."""
+        return {n: self.base[n].reshape(-1).index_add(0, self.idx[n], self.deltas[n]).view_as(self.base[n])
+                for n in self.names}
+
+    def snapshot(self) -> dict[str, Tensor]:
+        return {n: d.detach().clone() for n, d in self.deltas.items()}
+
+    def edit(self, snap: dict[str, Tensor], method: str, cfg: FinetuneConfig) -> Edit:
+        n_ = self.names
+        vals = {n: (self.base_vals[n] + snap[n]).detach().cpu() for n in n_}
+        return Edit({n: self.idx[n].cpu() for n in n_}, vals, {n: tuple(self.params[n].shape) for n in n_},
+                    {n: self.params[n].dtype for n in n_}, dict(self.layout), method, {"config": cfg.to_dict()})
+
+
+@contextmanager
+def _frozen(params: dict[str, Tensor]) -> Iterator[None]:
+    """No model parameter requires grad inside (restored after): gradients reach only the deltas."""
+    flags = {n: p.requires_grad for n, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+
+
+def _check_inputs(lm, mask: ParamMask, train, cfg: FinetuneConfig, hint, hint_dev) -> None:
+    if not train:
+        raise ValueError("no training samples given")
+    if mask.size == 0:
+        raise ValueError("the mask is empty; nothing to fine-tune")
+    mask.check(lm.hf)
+    if cfg.hint_weight > 0 and not hint:
+        raise ValueError("hint_weight > 0 needs hint samples (GenHintEval train: load_split('genhinteval', 'train'))")
+    if cfg.ub_tolerance is not None and not hint_dev:
+        raise ValueError("ub_tolerance needs hint_dev samples (GenHintEval dev: load_split('genhinteval', 'dev'))")
+
+
+def early_stopping(lm: LensModel, cfg: FinetuneConfig, dev: Sequence[dict] | None, retention: Sequence[str] | None,
+                   hint_dev: Sequence[dict] | None) -> EarlyStopping:
+    """The objective (dev bias) and guards (retention, UB, mass) of ``cfg``, baselines measured."""
+    from .measure import retention_texts
+
+    dev_prompts = [s["prompt"] for s in (dev or [])][: cfg.dev_limit] if dev else []
+    texts = list(retention) if retention is not None else retention_texts(cfg.retention_limit)
+    guards = [retention_guard(texts, cfg.retention_threshold)]
+    if cfg.ub_tolerance is not None:
+        guards.append(ub_guard(list(hint_dev)[: cfg.hint_dev_limit], cfg.ub_tolerance))
+    if cfg.mass_floor is not None and dev_prompts:
+        guards.append(mass_guard(dev_prompts, cfg.mass_floor))
+    stopper = EarlyStopping(DevBias(dev_prompts, cfg.dev_metric), guards, cfg.patience)
+    stopper.baseline(lm)
+    return stopper
+
+
+@dataclass
+class _Objective:
+    """The training loss of one step: the bias loss, plus the hint anchor and the mass term."""
+
+    lm: Any
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    cfg: FinetuneConfig
+    tid: Tensor
+    chunks: list[tuple[list[str], Tensor, Tensor]]
+    p0: dict[str, Tensor]
+
+    def __call__(self, over: dict[str, Tensor], batch: list[dict], step: int, rec: dict) -> Tensor:
+        f = torch.tensor([[s["f_he"], s["f_she"]] for s in batch], dtype=torch.float32)
+        prompts = [s["prompt"] for s in batch]
+        p = _forward_probs(self.lm, over, prompts, self.tid)
+        loss = self.loss_fn(p, f)
+        if self.chunks:
+            prompts_h, F_h, p0_h = self.chunks[step % len(self.chunks)]
+            anchor = get_hint_loss(self.cfg.hint_loss)(_forward_probs(self.lm, over, prompts_h, self.tid), F_h, p0_h)
+            rec.setdefault("anchor", []).append(float(anchor.detach()))
+            loss = loss + self.cfg.hint_weight * anchor
+        if self.cfg.mass_weight > 0:
+            p0 = torch.stack([self.p0[q] for q in prompts])
+            loss = loss + self.cfg.mass_weight * mass_change(p, p0)
+        return loss
+
+
+def _train_p0(lm, train: Sequence[dict], cfg: FinetuneConfig, tid: Tensor) -> dict[str, Tensor]:
+    """Unedited (he, she) probabilities of every train prompt (only for the mass term)."""
+    if cfg.mass_weight <= 0:
+        return {}
+    prompts = sorted({s["prompt"] for s in train})
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for i in range(0, len(prompts), cfg.batch_size):
+            chunk = prompts[i : i + cfg.batch_size]
+            out.update(zip(chunk, _forward_probs(lm, {}, chunk, tid)))
+    return out
+
+
 def masked_finetune(
-    lm,
+    lm: LensModel,
     mask: ParamMask,
     train: Sequence[dict],
     dev: Sequence[dict] | None = None,
@@ -163,133 +306,80 @@ def masked_finetune(
 ) -> FinetuneResult:
     """Fine-tune only ``mask``'s entries on ``train`` samples (dicts with ``prompt``, ``f_he``, ``f_she``).
 
-    ``dev`` samples drive early stopping (dev AFGB); ``retention`` texts drive the retention
-    guard (default: the benchmark's first ``retention_limit`` sentences; pass ``[]`` to disable).
-    ``loss_fn(p, f)`` overrides ``config.loss``. ``hint`` (GenHintEval samples with ``prompt``,
-    ``F``) feeds the anchor when ``config.hint_weight > 0``; ``hint_dev`` the UB guard when
-    ``config.ub_tolerance`` is set. The model is unchanged on return; apply ``result.edit`` to
-    keep the change. ``progress=True`` shows a bar over the optimisation steps (loss as postfix);
-    it changes no number.
+    ``dev`` samples drive early stopping (dev AFGB, or ``config.dev_metric``); ``retention`` texts
+    drive the retention guard (default: the benchmark's first ``retention_limit`` sentences; pass
+    ``[]`` to disable). ``loss_fn(p, f)`` overrides ``config.loss``. ``hint`` (GenHintEval samples
+    with ``prompt``, ``F``) feeds the anchor when ``config.hint_weight > 0``; ``hint_dev`` the UB
+    guard when ``config.ub_tolerance`` is set. The model is unchanged on return; apply
+    ``result.edit`` to keep the change. ``progress=True`` shows a bar over the optimisation steps
+    (loss as postfix); it changes no number.
     """
-    from .measure import dev_afgb, dev_ub, he_she, retention_perplexity, retention_texts
+    from .measure import he_she
 
     cfg = config or FinetuneConfig()
-    if not train:
-        raise ValueError("no training samples given")
-    if mask.size == 0:
-        raise ValueError("the mask is empty; nothing to fine-tune")
-    mask.check(lm.hf)
-    if cfg.hint_weight > 0 and not hint:
-        raise ValueError("hint_weight > 0 needs hint samples (GenHintEval train: load_split('genhinteval', 'train'))")
-    if cfg.ub_tolerance is not None and not hint_dev:
-        raise ValueError("ub_tolerance needs hint_dev samples (GenHintEval dev: load_split('genhinteval', 'dev'))")
-    loss_fn = loss_fn or get_loss(cfg.loss)
-    anchor_fn = get_hint_loss(cfg.hint_loss)
+    _check_inputs(lm, mask, train, cfg, hint, hint_dev)
     tid = torch.as_tensor(he_she(lm).first_ids)
     chunks = _hint_chunks(lm, hint, cfg.hint_batch_size or cfg.batch_size, cfg.seed, tid) if cfg.hint_weight > 0 else []
-    params = dict(lm.hf.named_parameters())
-    names = mask.names
-    idx = {n: mask.indices(n).to(params[n].device) for n in names}
-    base = {n: params[n].detach() for n in names}
-    base_vals = {n: base[n].reshape(-1)[idx[n]].clone() for n in names}
+    state = _Deltas.build(lm, mask)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    deltas = {n: torch.zeros(len(idx[n]), dtype=params[n].dtype, device=params[n].device, requires_grad=True) for n in names}
-    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
-    opt = opt_cls(list(deltas.values()), lr=cfg.lr)
-    lay = layouts(lm.hf)
-
-    def current_edit(snap: dict[str, Tensor]) -> Edit:
-        vals = {n: (base_vals[n] + snap[n]).detach().cpu() for n in names}
-        return Edit({n: idx[n].cpu() for n in names}, vals, {n: tuple(params[n].shape) for n in names},
-                    {n: params[n].dtype for n in names}, {n: lay[n] for n in names}, method,
-                    {"config": cfg.to_dict()})
-
-    dev_prompts = [s["prompt"] for s in (dev or [])][: cfg.dev_limit] if dev else []
-    ret_texts = list(retention) if retention is not None else retention_texts(cfg.retention_limit)
-    base_ppl = retention_perplexity(lm, ret_texts) if ret_texts else None
-    best_dev = dev_afgb(lm, dev_prompts) if dev_prompts else math.inf
-    ub_dev = list(hint_dev)[: cfg.hint_dev_limit] if cfg.ub_tolerance is not None else []
-    base_ub = dev_ub(lm, ub_dev) if ub_dev else None
-    best = {n: torch.zeros_like(d) for n, d in deltas.items()}
-    history: list[dict] = [{"step": 0, "dev_afgb": best_dev, "retention_ppl": base_ppl}]
-    if base_ub is not None:
-        history[0]["dev_ub"] = base_ub
-    best_step, bad, step, status, nan_step = 0, 0, 0, "done", None
-    grad_flags = {n: p.requires_grad for n, p in params.items()}
-    for p in params.values():
-        p.requires_grad_(False)
-
-    def check() -> str | None:
-        """Dev/retention check of the current deltas; returns a stop status or None."""
-        nonlocal best_dev, best_step, bad
-        snap = {n: d.detach().clone() for n, d in deltas.items()}
-        with current_edit(snap).applied(lm.hf):
-            ppl = retention_perplexity(lm, ret_texts) if ret_texts else None
-            dv = dev_afgb(lm, dev_prompts) if dev_prompts else None
-            ub = dev_ub(lm, ub_dev) if ub_dev else None
-        history.append({"step": step, "dev_afgb": dv, "retention_ppl": ppl})
-        if ub is not None:
-            history[-1]["dev_ub"] = ub
-        log.info("check at step %d: dev AFGB %s, retention ppl %s, dev UB %s", step, dv, ppl, ub)
-        if ppl is not None and ppl > base_ppl * (1 + cfg.retention_threshold):
-            log.info("retention perplexity %.3f > %.3f * (1 + %.3f): rolling back", ppl, base_ppl, cfg.retention_threshold)
-            return "retention_rollback"
-        ub_ok = ub is None or ub >= base_ub - cfg.ub_tolerance
-        if not ub_ok:
-            log.info("dev UB %.4f fell more than %.3f below %.4f: state not accepted", ub, cfg.ub_tolerance, base_ub)
-        if ub_ok and (dv is None or dv < best_dev):
-            best_dev, best_step, bad = (dv if dv is not None else best_dev), step, 0
-            for n in names:
-                best[n].copy_(snap[n])
-            return None
-        bad += 1
-        return "early_stopped" if bad >= cfg.patience else None
-
+    opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(list(state.deltas.values()), lr=cfg.lr)
+    stopper = early_stopping(lm, cfg, dev, retention, hint_dev)
+    objective = _Objective(lm, loss_fn or get_loss(cfg.loss), cfg, tid, chunks, _train_p0(lm, train, cfg, tid))
+    best = {n: torch.zeros_like(d) for n, d in state.deltas.items()}
     n_steps = cfg.epochs * -(-len(train) // cfg.batch_size)
     pbar = bar(total=min(n_steps, cfg.max_steps) if cfg.max_steps else n_steps, desc="masked fine-tuning",
                enabled=progress, unit="step")
-    try:
-        stop = None
-        for epoch in range(cfg.epochs):
-            for batch in _samples_to_batches(train, cfg.batch_size, gen):
-                f = torch.tensor([[s["f_he"], s["f_she"]] for s in batch], dtype=torch.float32)
-                over = {n: base[n].reshape(-1).index_add(0, idx[n], deltas[n]).view_as(base[n]) for n in names}
-                loss = loss_fn(_forward_probs(lm, over, [s["prompt"] for s in batch], tid), f)
-                if chunks:
-                    prompts_h, F_h, p0_h = chunks[step % len(chunks)]
-                    anchor = anchor_fn(_forward_probs(lm, over, prompts_h, tid), F_h, p0_h)
-                    history[-1].setdefault("anchor", []).append(float(anchor.detach()))
-                    loss = loss + cfg.hint_weight * anchor
-                step += 1
-                if not torch.isfinite(loss):
-                    status, nan_step = "nan", step
-                    log.warning("non-finite loss at step %d; stopping and discarding the edit", step)
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(list(deltas.values()), cfg.grad_clip)
-                opt.step()
-                history[-1].setdefault("losses", []).append(float(loss.detach()))
-                pbar.update(1)
-                pbar.set_postfix(loss=f"{history[-1]['losses'][-1]:.4g}", refresh=False)
-                if cfg.eval_every and step % cfg.eval_every == 0:
-                    stop = check()
-                if stop or (cfg.max_steps and step >= cfg.max_steps):
-                    break
-            if status == "nan" or stop:
-                break
-            if not cfg.eval_every or step % cfg.eval_every:
-                stop = check()
+    with _frozen(state.params):
+        try:
+            status, nan_step = _loop(lm, state, opt, objective, stopper, best, train, gen, cfg, method, pbar)
+        finally:
+            pbar.close()
+    state_numel = sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0)
+    edit = None if status == "nan" else state.edit(best, method, cfg)
+    return FinetuneResult(edit, status, stopper.best_step, nan_step, stopper.history, state_numel, cfg.to_dict())
+
+
+def _check(lm, state: _Deltas, stopper: EarlyStopping, best: dict[str, Tensor], step: int, method: str,
+           cfg: FinetuneConfig) -> str | None:
+    """One dev/guard check of the current deltas; a newly accepted state is copied into ``best``."""
+    snap = state.snapshot()
+    with state.edit(snap, method, cfg).applied(lm.hf):
+        stop = stopper.check(lm, step)
+    if stopper.accepted:
+        for n in state.names:
+            best[n].copy_(snap[n])
+    return stop
+
+
+def _loop(lm, state: _Deltas, opt, objective: _Objective, stopper: EarlyStopping, best: dict[str, Tensor],
+          train: Sequence[dict], gen: torch.Generator, cfg: FinetuneConfig, method: str, pbar) -> tuple[str, int | None]:
+    """The epochs x batches step loop; returns (status, nan_step)."""
+    step, stop = 0, None
+    for _ in range(cfg.epochs):
+        for batch in _samples_to_batches(train, cfg.batch_size, gen):
+            rec = stopper.history[-1]
+            loss = objective(state.overrides(), batch, step, rec)
+            step += 1
+            if not torch.isfinite(loss):
+                log.warning("non-finite loss at step %d; stopping and discarding the edit", step)
+                return "nan", step
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(list(state.deltas.values()), cfg.grad_clip)
+            opt.step()
+            rec.setdefault("losses", []).append(float(loss.detach()))
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{rec['losses'][-1]:.4g}", refresh=False)
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                stop = _check(lm, state, stopper, best, step, method, cfg)
             if stop or (cfg.max_steps and step >= cfg.max_steps):
                 break
         if stop:
-            status = stop
-    finally:
-        pbar.close()
-        for n, p in params.items():
-            p.requires_grad_(grad_flags[n])
-    state_numel = sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0)
-    edit = None if status == "nan" else current_edit(best)
-    return FinetuneResult(edit, status, best_step, nan_step, history, state_numel, cfg.to_dict())
+            break
+        if not cfg.eval_every or step % cfg.eval_every:
+            stop = _check(lm, state, stopper, best, step, method, cfg)
+        if stop or (cfg.max_steps and step >= cfg.max_steps):
+            break
+    return stop or "done", None

@@ -2,7 +2,9 @@
 
 Every loss takes ``p``: ``[batch, 2]`` raw next-token probabilities ``(p(he), p(she))`` (not
 renormalised) and, where needed, the real-world shares ``f``: ``[batch, 2]`` = ``(f_he, f_she)``;
-it returns the batch mean (a scalar). Names are the keys of :data:`LOSSES`.
+it returns the batch mean (a scalar). Names are the keys of :data:`LOSSES`. The metric quantities
+(AFGB gap, pronoun mass, renormalisation, UB term) are the torch metric functions of
+:mod:`bias_lens.benchmarks.metrics`, so a loss and the number reported for it are one formula.
 
 * ``msme_literal`` (what the pipeline uses for ``--method msme``) — MSME Eq. 6-8 *as written*:
   ``f_he * p(he) + f_she * p(she)``. MSME wants it driven to equal non-zero values, but
@@ -44,6 +46,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..benchmarks.metrics import afgb_t, mass_t, renorm_t, ub_terms_t
+
 _EPS = 1e-12
 
 
@@ -61,7 +65,8 @@ def msme_literal(p: Float[Tensor, "batch 2"], f: Float[Tensor, "batch 2"]) -> Te
 
 
 def renorm(p: Float[Tensor, "batch 2"]) -> Float[Tensor, "batch 2"]:
-    return p / p.sum(1, keepdim=True).clamp_min(_EPS)
+    """``p`` renormalised over the targets (:func:`bias_lens.benchmarks.metrics.renorm_t`, denominator >= 1e-12)."""
+    return renorm_t(p, eps=_EPS)
 
 
 def msme_align(p: Float[Tensor, "batch 2"], f: Float[Tensor, "batch 2"]) -> Tensor:
@@ -82,13 +87,15 @@ def lftf(p: Float[Tensor, "batch 2"], f: Tensor | None = None, *, he: bool = Tru
     _check(p)
     if not (he or she):
         raise ValueError("the LFTF loss needs at least one of the he and she terms")
+    if he and she:
+        return mass_t(p)  # the pronoun mass metric itself
     return (p[:, 0] * float(he) + p[:, 1] * float(she)).mean()
 
 
 def gap(p: Float[Tensor, "batch 2"], f: Tensor | None = None) -> Tensor:
-    """Mean ``|p(he) - p(she)|`` (the raw AFGB quantity)."""
+    """Mean ``|p(he) - p(she)|``: the raw AFGB metric itself (:func:`bias_lens.benchmarks.metrics.afgb_t`)."""
     _check(p)
-    return (p[:, 0] - p[:, 1]).abs().mean()
+    return afgb_t(p)
 
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -110,8 +117,8 @@ def _hint_check(p: Tensor, F: Tensor, p0: Tensor) -> None:
 
 
 def ub_terms(p: Float[Tensor, "batch 2"], F: Float[Tensor, " batch"]) -> Float[Tensor, " batch"]:
-    """Per-prompt UB term ``F (p(he) - p(she))`` (LFTF Eq. 2-3 before the mean)."""
-    return F.to(p) * (p[:, 0] - p[:, 1])
+    """Per-prompt UB term ``F (p(he) - p(she))`` (LFTF Eq. 2-3 before the mean; :func:`bias_lens.benchmarks.metrics.ub_terms_t`)."""
+    return ub_terms_t(p, F)
 
 
 def ub_drop(p: Float[Tensor, "batch 2"], F: Float[Tensor, " batch"], p0: Float[Tensor, "batch 2"]) -> Tensor:
@@ -142,6 +149,7 @@ HINT_LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
 
 
 def get_hint_loss(name: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The hint anchor term named ``name``; ValueError listing the choices otherwise."""
     if name not in HINT_LOSSES:
         raise ValueError(f"unknown hint anchor {name!r}; choose one of {', '.join(HINT_LOSSES)}")
     return HINT_LOSSES[name]
@@ -165,6 +173,16 @@ def anchored(
 
 
 def get_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The debiasing loss named ``name``; ValueError listing the choices otherwise."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
     return LOSSES[name]
+
+
+def mass_change(p: Float[Tensor, "batch 2"], p0: Float[Tensor, "batch 2"]) -> Tensor:
+    """Mass-keeping term: mean ``(log(p_he + p_she) - log(p0_he + p0_she))^2`` against the unedited
+    model's probabilities ``p0``. 0 when the pronoun mass of every prompt is unchanged, whatever the
+    he/she shares do, so adding it to a bias loss rules out lowering bias by erasing both pronouns."""
+    _check(p, p0)
+    m, m0 = p.sum(1).clamp_min(_EPS), p0.to(p).sum(1).clamp_min(_EPS)
+    return ((m.log() - m0.log()) ** 2).mean()

@@ -2,8 +2,8 @@
 
 A :class:`ParamMask` maps HF parameter names (``model.layers.3.mlp.down_proj.weight``) to boolean
 tensors of the parameter's *stored* shape (GPT-2 Conv1D stays ``[in, out]``). Builders translate
-our labels into entries through :func:`bias_lens.arch.param_ref`, so orientation and fused qkv
-slicing are decided in one place:
+our labels (parsed by :mod:`bias_lens.labels`) into entries through :func:`bias_lens.arch.param_ref`,
+so orientation and fused qkv slicing are decided in one place:
 
 * ``L{i}`` (layer): every parameter of block i (weights, biases, norms);
 * ``L{i}.attn.q`` ... ``L{i}.mlp.down`` (module): the module's weight (its rows of a fused qkv)
@@ -21,17 +21,23 @@ slicing are decided in one place:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from ..arch import block_param_names, param_ref, parse_head_name, parse_module_name, parse_neuron_name
+from ..arch import block_param_names, param_ref
+from ..arch import neurons_to_dict as neurons_to_dict  # re-exported: its home is arch (locate uses it too)
+from ..labels import EntryLabel, HeadLabel, LayerLabel, ModuleLabel, NeuronLabel, RowLabel, parse_as
 
-_LAYER_RE = re.compile(r"^L(\d+)$")
-_ROW_RE = re.compile(r"^(L\d+\.(?:attn|mlp)\.[a-z]+)/row(\d+)(?:/col(\d+))?$")
+if TYPE_CHECKING:
+    from ..lens import LensModel
+    from ..locate.result import LocateResult
+
+#: the label kinds a mask can be built from (value neurons and hook points name activations, not weights)
+MASK_LABELS = (LayerLabel, ModuleLabel, RowLabel, EntryLabel, NeuronLabel, HeadLabel)
 
 
 def _model(obj) -> nn.Module:
@@ -57,9 +63,11 @@ class ParamMask:
 
     @property
     def names(self) -> list[str]:
+        """Parameter names with at least one masked entry."""
         return [n for n, m in self.masks.items() if bool(m.any())]
 
     def counts(self) -> dict[str, int]:
+        """Masked entries per parameter (parameters with none left out)."""
         return {n: int(m.sum()) for n, m in self.masks.items() if bool(m.any())}
 
     def indices(self, name: str) -> Tensor:
@@ -86,9 +94,11 @@ class ParamMask:
         return ParamMask({n: m for n, m in out.items() if bool(m.any())})
 
     def union(self, other: "ParamMask") -> "ParamMask":
+        """Entries masked in either mask (also ``|``)."""
         return self._combine(other, torch.logical_or, keep_missing=True)
 
     def intersection(self, other: "ParamMask") -> "ParamMask":
+        """Entries masked in both masks (also ``&``)."""
         return self._combine(other, torch.logical_and, keep_missing=False)
 
     __or__ = union
@@ -98,7 +108,7 @@ class ParamMask:
         """Only the tensors whose HF name satisfies ``keep`` (e.g. drop attention for an ablation)."""
         return ParamMask({n: m.clone() for n, m in self.masks.items() if keep(n)})
 
-    def check(self, model) -> None:
+    def check(self, model: nn.Module | LensModel) -> None:
         """Raise ValueError unless every masked tensor exists in ``model`` with the mask's shape."""
         params = dict(_model(model).named_parameters())
         for name, m in self.masks.items():
@@ -110,7 +120,7 @@ class ParamMask:
                 )
 
 
-def without_attention(mask: ParamMask, model) -> ParamMask:
+def without_attention(mask: ParamMask, model: nn.Module | LensModel) -> ParamMask:
     """LFTF ablation "w/o attention": drop every tensor inside an attention sub-block."""
     from ..arch import arch_for
 
@@ -118,7 +128,7 @@ def without_attention(mask: ParamMask, model) -> ParamMask:
     return mask.filter(lambda n: f".{attn}." not in n)
 
 
-def without_mlp(mask: ParamMask, model) -> ParamMask:
+def without_mlp(mask: ParamMask, model: nn.Module | LensModel) -> ParamMask:
     """LFTF ablation "w/o MLP": drop every tensor inside an MLP sub-block."""
     from ..arch import arch_for
 
@@ -163,30 +173,29 @@ def _n_layers(model: nn.Module) -> int:
 
 
 def _add_label(b: _Builder, label: str, *, head_kv: bool) -> None:
-    m = _LAYER_RE.match(label)
-    if m:
-        layer = int(m.group(1))
+    lab = parse_as(label, *MASK_LABELS)
+    if isinstance(lab, LayerLabel):
+        layer = lab.layer
         if not 0 <= layer < _n_layers(b.model):
             raise ValueError(f"{label!r}: layer out of range 0..{_n_layers(b.model) - 1}")
         for name in block_param_names(b.model, layer):
             b.tensor(name).fill_(True)
         return
-    m = _ROW_RE.match(label)
-    if m:
-        w, _ = b.oriented(m.group(1))
-        r = int(m.group(2))
+    if isinstance(lab, (RowLabel, EntryLabel)):
+        w, _ = b.oriented(str(lab.module))
+        r = lab.row
         if not 0 <= r < w.shape[0]:
             raise ValueError(f"{label!r}: row {r} out of range 0..{w.shape[0] - 1}")
-        if m.group(3) is None:
+        if isinstance(lab, RowLabel):
             w[r] = True
         else:
-            c = int(m.group(3))
+            c = lab.col
             if not 0 <= c < w.shape[1]:
                 raise ValueError(f"{label!r}: column {c} out of range 0..{w.shape[1] - 1}")
             w[r, c] = True
         return
-    if "N" in label and "." not in label:
-        layer, k = parse_neuron_name(label)
+    if isinstance(lab, NeuronLabel):
+        layer, k = lab.layer, lab.index
         w, _ = b.oriented(f"L{layer}.mlp.down")
         if not 0 <= k < w.shape[1]:
             raise ValueError(f"{label!r}: neuron {k} out of range 0..{w.shape[1] - 1}")
@@ -200,25 +209,24 @@ def _add_label(b: _Builder, label: str, *, head_kv: bool) -> None:
             if bi is not None:
                 bi[k] = True
         return
-    if "H" in label and "." not in label:
-        _add_head(b, label, head_kv=head_kv)
+    if isinstance(lab, HeadLabel):
+        _add_head(b, lab, head_kv=head_kv)
         return
-    parse_module_name(label)  # raises a clear error for anything else
-    w, bias = b.oriented(label)
+    w, bias = b.oriented(label)  # ModuleLabel
     w.fill_(True)
     if bias is not None:
         bias.fill_(True)
 
 
-def _add_head(b: _Builder, label: str, *, head_kv: bool) -> None:
+def _add_head(b: _Builder, label: HeadLabel, *, head_kv: bool) -> None:
     from ..arch import arch_for
 
-    layer, h = parse_head_name(label)
+    layer, h = label.layer, label.head
     spec = arch_for(b.model)
     cfg = b.model.config
     n_heads = int(getattr(cfg, spec.n_heads_attr))
     if not 0 <= h < n_heads:
-        raise ValueError(f"{label!r}: head {h} out of range 0..{n_heads - 1}")
+        raise ValueError(f"{str(label)!r}: head {h} out of range 0..{n_heads - 1}")
     wq, bq = b.oriented(f"L{layer}.attn.q")
     d_head = wq.shape[0] // n_heads
     sl = slice(h * d_head, (h + 1) * d_head)
@@ -238,7 +246,7 @@ def _add_head(b: _Builder, label: str, *, head_kv: bool) -> None:
                 bk[ksl] = True
 
 
-def mask_from_labels(model, labels: Iterable[str], *, head_kv: bool = False) -> ParamMask:
+def mask_from_labels(model: nn.Module | LensModel, labels: Iterable[str], *, head_kv: bool = False) -> ParamMask:
     """A mask covering every label (layer, module, row, entry, neuron or head; may be mixed)."""
     b = _Builder(model)
     labels = list(labels)
@@ -249,7 +257,7 @@ def mask_from_labels(model, labels: Iterable[str], *, head_kv: bool = False) -> 
     return b.done()
 
 
-def mask_from_result(model, result, k: int | None = None, *, head_kv: bool = False) -> ParamMask:
+def mask_from_result(model: nn.Module | LensModel, result: LocateResult, k: int | None = None, *, head_kv: bool = False) -> ParamMask:
     """A mask of the ``k`` most important labels of a :class:`~bias_lens.locate.result.LocateResult`.
 
     ``k=None`` takes ``result.extras["selected"]`` when the method made a selection, else all labels.
@@ -264,7 +272,7 @@ def mask_from_result(model, result, k: int | None = None, *, head_kv: bool = Fal
     return mask_from_labels(model, labels, head_kv=head_kv)
 
 
-def mask_all(model, *, include: Callable[[str], bool] | None = None) -> ParamMask:
+def mask_all(model: nn.Module | LensModel, *, include: Callable[[str], bool] | None = None) -> ParamMask:
     """Every (optionally filtered) parameter entry: full-parameter fine-tuning (FPFT)."""
     return ParamMask({
         n: torch.ones(p.shape, dtype=torch.bool)
@@ -273,14 +281,6 @@ def mask_all(model, *, include: Callable[[str], bool] | None = None) -> ParamMas
     })
 
 
-def neurons_to_dict(labels: Sequence[str]) -> dict[int, list[int]]:
-    """``["L3N7", "L3N9", "L5N1"]`` -> ``{3: [7, 9], 5: [1]}``."""
-    out: dict[int, list[int]] = {}
-    for lab in labels:
-        layer, k = parse_neuron_name(lab)
-        out.setdefault(layer, []).append(k)
-    return out
-
-
-def mask_from_neurons(model, neurons: Mapping[int, Sequence[int]]) -> ParamMask:
+def mask_from_neurons(model: nn.Module | LensModel, neurons: Mapping[int, Sequence[int]]) -> ParamMask:
+    """A mask of the neurons ``{layer: [index, ...]}`` (same as their ``L{l}N{k}`` labels)."""
     return mask_from_labels(model, [f"L{l}N{k}" for l, ks in neurons.items() for k in ks])

@@ -1,22 +1,23 @@
-"""Metrics the edit layer needs: the benchmark metrics before/after an edit, and cheap in-loop ones.
+"""The in-loop metrics of the edit layer and the prompt-prefix view of the PB baseline.
 
-:func:`model_metrics` is the reported set (keys ``afgb``, ``fbs``, ``ub``, ``perplexity``,
-``probe_accuracy``; plus ``afgb_renorm``, ``fbs_renorm`` and the pronoun ``mass``), computed by :func:`bias_lens.benchmarks.runners.evaluate` on the bias suite
-(AFGB/FBS), GenHintEval (UB) and the retention suite (perplexity, probe accuracy). A prompt
-``prefix`` (the PB baseline) is prepended to every bias-suite prompt through a tokenizer wrapper,
-so PB runs through the very same scoring code; retention is scored without it (PB edits no
-weights, so retention is unchanged by construction).
-
-The in-loop helpers (:func:`dev_afgb`, :func:`retention_perplexity`) are the same quantities on
-small fixed subsets, used for early stopping and the retention guard.
+The guards of :mod:`bias_lens.edit.guards` call :func:`dev_afgb`, :func:`dev_afgb_renorm`,
+:func:`dev_mass`, :func:`dev_ub` and :func:`retention_perplexity`: the benchmark quantities on
+small fixed subsets (early stopping, retention / UB / mass guards). The reported before/after
+metrics are :func:`bias_lens.pipeline.measure.measure` (one function for ``bias-lens edit`` and
+``bias-lens run``). :class:`PrefixedModel` prepends a prompt prefix (the PB baseline) to every
+bias-suite prompt through a tokenizer wrapper, so PB runs through the very same scoring code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..targets import TargetSet
 
 
 class _PrefixTokenizer:
@@ -47,73 +48,55 @@ class PrefixedModel:
         return getattr(self._lm, name)
 
 
-def _evaluate():
-    try:
-        from ..benchmarks import evaluate  # type: ignore[attr-defined]
-    except ImportError:
-        from ..benchmarks.runners import evaluate
-    return evaluate
-
-
-def model_metrics(
-    lm: Any,
-    suite: str = "genbiaseval",
-    split: str = "test",
-    *,
-    limit: int | None = None,
-    ub_limit: int | None = None,
-    retention_limit: int | None = None,
-    prefix: str = "",
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """Bias suite: raw ``afgb``, ``fbs`` (the papers'), ``afgb_renorm``, ``fbs_renorm`` and the pronoun
-    ``mass``; ``ub`` (GenHintEval); retention: ``perplexity`` (gender-neutral corpus), ``probe_accuracy``."""
-    evaluate = _evaluate()
-    biased = PrefixedModel(lm, prefix) if prefix else lm
-    bias = evaluate(biased, suite, split, limit=limit, batch_size=batch_size).metrics
-    out = {k: float(bias[k]) for k in ("afgb", "afgb_renorm", "mass", "fbs", "fbs_renorm") if k in bias}
-    if "ub" in bias:
-        out["ub"] = float(bias["ub"])
-    else:
-        out["ub"] = float(evaluate(biased, "genhinteval", split, limit=ub_limit or limit, batch_size=batch_size).metrics["ub"])
-    ret = evaluate(lm, "retention", "test", limit=retention_limit, batch_size=batch_size).metrics
-    out["perplexity"] = float(ret["perplexity"])
-    out["probe_accuracy"] = float(ret["probe_accuracy"])
-    return out
-
-
-def he_she(lm: Any):
+def he_she(lm: Any) -> TargetSet:
+    """The (he, she) targets of the edit losses and guards: two distinct single tokens."""
     from ..targets import resolve_targets
 
-    ts = resolve_targets(lm.tokenizer, "he,she")
-    if not ts.single_token:
-        raise ValueError("the edit losses need single-token he/she targets for this tokenizer")
-    return ts
+    return resolve_targets(lm.tokenizer, "he,she").require(n=2, single_token=True)
 
 
 @torch.no_grad()
-def dev_afgb(lm: Any, prompts: Sequence[str], *, batch_size: int = 32) -> float:
-    """Raw AFGB (mean |p(he) - p(she)|) on ``prompts``: the early-stopping metric."""
+def dev_probs(lm: Any, prompts: Sequence[str], *, batch_size: int = 32) -> Tensor:
+    """``[prompt, 2]`` raw next-token probabilities of (he, she) after each prompt."""
     from ..scoring import target_probs
 
-    p = target_probs(lm, list(prompts), he_she(lm), batch_size=batch_size)
-    return float((p[:, 0] - p[:, 1]).abs().mean())
+    return target_probs(lm, list(prompts), he_she(lm), batch_size=batch_size)
+
+
+def dev_afgb(lm: Any, prompts: Sequence[str], *, batch_size: int = 32) -> float:
+    """Raw AFGB (mean |p(he) - p(she)|) on ``prompts``: the papers' early-stopping metric."""
+    from ..benchmarks.metrics import afgb_t
+
+    return float(afgb_t(dev_probs(lm, prompts, batch_size=batch_size)))
+
+
+def dev_afgb_renorm(lm: Any, prompts: Sequence[str], *, batch_size: int = 32) -> float:
+    """AFGB on (he, she) renormalised to sum to 1: the equalising early-stopping metric."""
+    from ..benchmarks.metrics import afgb_t
+
+    return float(afgb_t(dev_probs(lm, prompts, batch_size=batch_size), renorm=True))
+
+
+def dev_mass(lm: Any, prompts: Sequence[str], *, batch_size: int = 32) -> float:
+    """Mean pronoun mass ``p(he) + p(she)`` on ``prompts`` (the mass guard's number)."""
+    from ..benchmarks.metrics import mass_t
+
+    return float(mass_t(dev_probs(lm, prompts, batch_size=batch_size)))
 
 
 def dev_ub(lm: Any, samples: Sequence[dict], *, batch_size: int = 32) -> float:
     """Raw UB-Score (LFTF Eq. 2-3) on GenHintEval ``samples`` (``prompt``, ``F``): the UB guard metric."""
-    from ..benchmarks.metrics import ub
-    from ..scoring import target_probs
+    from ..benchmarks.metrics import ub_t
 
-    p = target_probs(lm, [s["prompt"] for s in samples], he_she(lm), batch_size=batch_size)
-    return ub(p, [float(s["F"]) for s in samples])
+    p = dev_probs(lm, [s["prompt"] for s in samples], batch_size=batch_size)
+    return float(ub_t(p, torch.tensor([float(s["F"]) for s in samples], dtype=torch.float64)))
 
 
 def retention_texts(limit: int = 64) -> list[str]:
-    """The first ``limit`` retention sentences of the benchmark's fixed order."""
-    from ..benchmarks.external import retention_sentences
+    """The first ``limit`` retention sentences (:func:`bias_lens.benchmarks.external.retention_texts`)."""
+    from ..benchmarks.external import retention_texts as texts
 
-    return retention_sentences()[:limit]
+    return texts(limit)
 
 
 @torch.no_grad()

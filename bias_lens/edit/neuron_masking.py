@@ -18,12 +18,19 @@ first (:func:`select_neurons` does when given position statistics).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..arch import param_ref
+from ..labels import is_neuron
 from .edits import Edit
 from .masks import ParamMask, mask_from_labels, neurons_to_dict
+
+if TYPE_CHECKING:
+    from ..lens import LensModel
+    from ..locate.general_neurons import PositionStats
+    from ..locate.result import LocateResult
 
 
 def _neurons(neurons: Mapping[int, Sequence[int]] | Sequence[str]) -> dict[int, list[int]]:
@@ -32,7 +39,7 @@ def _neurons(neurons: Mapping[int, Sequence[int]] | Sequence[str]) -> dict[int, 
     return neurons_to_dict(list(neurons))
 
 
-def down_column_mask(model, neurons: Mapping[int, Sequence[int]] | Sequence[str]) -> ParamMask:
+def down_column_mask(model: torch.nn.Module | LensModel, neurons: Mapping[int, Sequence[int]] | Sequence[str]) -> ParamMask:
     """Mask of the down-projection columns of the neurons (what the permanent edit writes)."""
     m = model.hf if hasattr(model, "hf") else model
     masks: dict[str, torch.Tensor] = {}
@@ -47,7 +54,7 @@ def down_column_mask(model, neurons: Mapping[int, Sequence[int]] | Sequence[str]
 
 
 def neuron_mask_edit(
-    model, neurons: Mapping[int, Sequence[int]] | Sequence[str], *, scale: float = 0.0, include_inputs: bool = False
+    model: torch.nn.Module | LensModel, neurons: Mapping[int, Sequence[int]] | Sequence[str], *, scale: float = 0.0, include_inputs: bool = False
 ) -> Edit:
     """Permanent masking edit of the neurons (``{layer: [k, ...]}`` or labels ``L{l}N{k}``)."""
     nd = _neurons(neurons)
@@ -67,13 +74,13 @@ def neuron_mask_hooks(neurons: Mapping[int, Sequence[int]] | Sequence[str], *, s
     return mask_neurons(_neurons(neurons), scale=scale)
 
 
-def select_neurons(result, k: int, *, stats=None, min_frac: float = 0.5) -> list[str]:
+def select_neurons(result: LocateResult, k: int, *, stats: PositionStats | None = None, min_frac: float = 0.5) -> list[str]:
     """Top-``k`` neuron labels of a locate result, after removing general neurons when ``stats`` is given."""
     if stats is not None:
         from ..locate.general_neurons import filter_general
 
         result = filter_general(result, stats, min_frac=min_frac)
-    labels = [lab for lab in (result.labels[i] for i in result.order()) if "N" in lab and "." not in lab]
+    labels = [lab for lab in (result.labels[i] for i in result.order()) if is_neuron(lab)]
     if not labels:
         raise ValueError(f"locate result {result.method!r} has no neuron labels (L{{l}}N{{k}})")
     return labels[:k]

@@ -63,6 +63,7 @@ def update_from_file(h: "hashlib._Hash", path: Path) -> None:
 
 
 def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of the file at ``path`` (read in chunks)."""
     h = hashlib.sha256()
     update_from_file(h, Path(path))
     return h.hexdigest()

@@ -38,17 +38,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from ..arch import get_submodule, param_ref, parse_head_name, parse_neuron_name
+from ..arch import param_ref
 from ..hooks import record_into
+from ..labels import HeadLabel, NeuronLabel, parse_as
 from ..progress import bar, batch_count
 from ..scoring import check_prompts, iter_batches
 from ..targets import TargetSet, resolve_targets
 from .result import LocateResult
+
+if TYPE_CHECKING:
+    from ..lens import LensModel
 
 log = logging.getLogger(__name__)
 NORM_MODES = ("cached", "recompute")
@@ -66,6 +71,7 @@ class NormParts:
     centered: bool
 
     def center(self, y: Tensor) -> Tensor:
+        """``C y``: ``y`` minus its mean over the last axis for LayerNorm, unchanged for RMSNorm."""
         return y - y.mean(-1, keepdim=True) if self.centered else y
 
     def scale(self, y: Tensor) -> Tensor:
@@ -73,6 +79,7 @@ class NormParts:
         return torch.sqrt(self.center(y).pow(2).mean(-1, keepdim=True) + self.eps)
 
     def apply(self, y: Tensor, scale: Tensor | None = None) -> Tensor:
+        """The norm applied to ``y``: ``C y / scale * weight (+ bias)``; ``scale`` given freezes the denominator."""
         s = self.scale(y) if scale is None else scale
         out = self.center(y) / s * self.weight.to(y)
         return out + self.bias.to(y) if self.bias is not None else out
@@ -82,16 +89,45 @@ class NormParts:
         return self.center(w * self.weight.to(w))
 
 
-def norm_parts(module: nn.Module) -> NormParts:
-    """Weights, eps and kind of an HF LayerNorm or RMSNorm (Llama/Qwen style)."""
+def norm_parts(module: nn.Module, kind: str | None = None) -> NormParts:
+    """Weights, eps and kind of an HF norm module as :class:`NormParts`.
+
+    ``kind`` is the architecture row's norm kind (``lm.arch.norm``: ``layernorm``, ``rmsnorm``, or
+    ``rmsnorm_1p`` = Gemma's ``(1 + w)`` scaling); pass it. Without it the kind is identified
+    from the module's behaviour: one probe vector is normalised and the kind whose formula
+    reproduces the module's output is used (an unknown norm raises instead of being misread).
+    """
     w = module.weight.detach().double()
-    if isinstance(module, nn.LayerNorm):
-        b = module.bias.detach().double() if module.bias is not None else None
-        return NormParts(w, b, float(module.eps), True)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if eps is None:
-        raise ValueError(f"unsupported norm module {type(module).__name__}: need LayerNorm or an RMSNorm with eps")
-    return NormParts(w, None, float(eps), False)
+        raise ValueError(f"unsupported norm module {type(module).__name__}: need a LayerNorm/RMSNorm with eps")
+    b = getattr(module, "bias", None)
+    b = b.detach().double() if isinstance(b, Tensor) else None
+    cands = {
+        "layernorm": NormParts(w, b, float(eps), True),
+        "rmsnorm": NormParts(w, None, float(eps), False),
+        "rmsnorm_1p": NormParts(1.0 + w, None, float(eps), False),
+    }
+    if kind is None:
+        kind = _probe_norm_kind(module, cands)
+    if kind not in cands:
+        raise ValueError(f"norm kind must be one of {', '.join(cands)}, got {kind!r}")
+    return cands[kind]
+
+
+@torch.no_grad()
+def _probe_norm_kind(module: nn.Module, cands: dict[str, NormParts]) -> str:
+    """The candidate kind whose formula reproduces ``module`` on one off-centre probe vector."""
+    wt = module.weight
+    y = torch.linspace(-1.0, 2.0, wt.shape[-1], dtype=torch.float64)
+    out = module(y.to(device=wt.device, dtype=wt.dtype)[None])[0].double().cpu()
+    errs = {k: float((p.apply(y) - out).abs().max()) for k, p in cands.items()}
+    best = min(errs, key=errs.get)
+    tol = (1e-5 if wt.dtype in (torch.float32, torch.float64) else 3e-2) * max(1.0, float(out.abs().max()))
+    if errs[best] > tol:
+        raise ValueError(f"norm module {type(module).__name__} matches none of {', '.join(cands)} "
+                         f"(max errors {errs}); pass kind= explicitly")
+    return best
 
 
 # --------------------------------------------------------------------------- cache
@@ -107,16 +143,17 @@ class LastCache:
 
     @property
     def n_prompts(self) -> int:
+        """Number of prompts cached."""
         return self.final.shape[0]
 
 
-def base_model(lm) -> nn.Module:
+def base_model(lm: LensModel) -> nn.Module:
     """The transformer body without the LM head (its output is already final-normed)."""
-    return get_submodule(lm.hf, lm.arch.layers.rsplit(".", 1)[0])
+    return lm.body
 
 
 @torch.no_grad()
-def collect_last(lm, prompts: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> LastCache:
+def collect_last(lm: LensModel, prompts: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> LastCache:
     """One batched forward pass (body only, no unembedding) keeping last-position slices (bar if ``progress``)."""
     prompts = check_prompts(prompts)
     L, n = lm.n_layers, len(prompts)
@@ -138,37 +175,53 @@ def collect_last(lm, prompts: Sequence[str], *, batch_size: int = 32, progress: 
 
 
 # --------------------------------------------------------------------------- weights
-def value_vectors(lm, layer: int) -> Float[Tensor, "d_model d_mlp"]:
+def check_linear_writes(lm: LensModel) -> None:
+    """Refuse families whose sub-block outputs are normalised before the residual add (Gemma-2's
+    post-attention / post-feedforward norms): there a neuron's write into the residual is not
+    ``activation * W_down[:, n]``, so the linear residual decompositions here do not hold."""
+    if lm.arch.post_sublayer_norm:
+        raise ValueError(
+            f"the {lm.arch.family} family normalises attention/MLP outputs before adding them to the residual, "
+            "so neuron/head writes are not linear in their activations; use the gradient (row/neuron scale) "
+            "or ablation-based (causal, module scale) locators for this model"
+        )
+
+
+def value_vectors(lm: LensModel, layer: int) -> Float[Tensor, "d_model d_mlp"]:
+    """Column n = what neuron n writes into the residual per unit activation (W_down, [out, in])."""
+    check_linear_writes(lm)
     return param_ref(lm.hf, f"L{layer}.mlp.down").weight_view(lm.hf).detach().double()
 
 
-def head_out_weight(lm, layer: int) -> Float[Tensor, "d_model d_z"]:
+def head_out_weight(lm: LensModel, layer: int) -> Float[Tensor, "d_model d_z"]:
+    """W_O of layer ``layer`` in ``[out, in]`` orientation, float64 (checks the writes are linear)."""
+    check_linear_writes(lm)
     return param_ref(lm.hf, f"L{layer}.attn.o").weight_view(lm.hf).detach().double()
 
 
-def o_bias(lm, layer: int) -> Tensor | None:
+def o_bias(lm: LensModel, layer: int) -> Tensor | None:
+    """The o_proj bias of layer ``layer`` as float64, or None when the model has none."""
     b = param_ref(lm.hf, f"L{layer}.attn.o").bias_view(lm.hf)
     return None if b is None else b.detach().double()
 
 
-def head_outputs(lm, cache: LastCache, layer: int) -> Float[Tensor, "prompt head d_model"]:
+def head_outputs(lm: LensModel, cache: LastCache, layer: int) -> Float[Tensor, "prompt head d_model"]:
     """Each head's last-position output through its slice of W_O (no o_proj bias)."""
     W = head_out_weight(lm, layer).view(lm.d_model, lm.n_heads, lm.d_head)
     z = cache.attn_z[layer].view(-1, lm.n_heads, lm.d_head)
     return torch.einsum("dhe,phe->phd", W, z)
 
 
-def check_pair(lm, targets: TargetSet | str | Sequence[str]) -> TargetSet:
+def check_pair(lm: LensModel, targets: TargetSet | str | Sequence[str]) -> TargetSet:
+    """Two distinct single-token targets (the logit difference attribution decomposes)."""
     ts = targets if isinstance(targets, TargetSet) else resolve_targets(lm.tokenizer, targets)
-    if len(ts) != 2 or not ts.single_token:
-        raise ValueError(
-            f"attribution needs exactly two single-token targets (e.g. he,she); got {list(ts.words)} "
-            f"with token ids {[list(t) for t in ts.token_ids]}"
-        )
-    return ts
+    try:
+        return ts.require(n=2, single_token=True)
+    except ValueError as err:
+        raise type(err)(f"attribution needs exactly two distinct single-token targets (e.g. he,she): {err}") from None
 
 
-def logit_diff_dir(lm, ts: TargetSet) -> Float[Tensor, " d_model"]:
+def logit_diff_dir(lm: LensModel, ts: TargetSet) -> Float[Tensor, " d_model"]:
     """``W_U[t1] - W_U[t0]`` in float64 (only the two rows are upcast, not the whole unembedding)."""
     W_U = lm.unembed.weight.detach()
     return W_U[ts.first_ids[1]].double() - W_U[ts.first_ids[0]].double()
@@ -188,9 +241,9 @@ def _diff_scores(fn: NormParts, u: Tensor, x: Tensor, delta: Tensor, final: Tens
     return (a0[:, None] + delta @ r) / s1 - (a0 / s0)[:, None]
 
 
-def neuron_scores(lm, cache: LastCache, ts: TargetSet, layer: int, norm: str = "cached") -> Float[Tensor, "prompt d_mlp"]:
+def neuron_scores(lm: LensModel, cache: LastCache, ts: TargetSet, layer: int, norm: str = "cached") -> Float[Tensor, "prompt d_mlp"]:
     """Signed bias score of every neuron of ``layer`` for every prompt (no per-neuron forward)."""
-    fn, u, V = norm_parts(lm.final_norm), logit_diff_dir(lm, ts), value_vectors(lm, layer)
+    fn, u, V = norm_parts(lm.final_norm, lm.arch.norm), logit_diff_dir(lm, ts), value_vectors(lm, layer)
     m, x = cache.mlp_post[layer], cache.resid_mid[layer]
     r = fn.read_dir(u)
     if norm == "cached":
@@ -205,10 +258,10 @@ def neuron_scores(lm, cache: LastCache, ts: TargetSet, layer: int, norm: str = "
 
 
 def head_scores(
-    lm, cache: LastCache, ts: TargetSet, layer: int, norm: str = "cached", o_bias_mode: str = "baseline"
+    lm: LensModel, cache: LastCache, ts: TargetSet, layer: int, norm: str = "cached", o_bias_mode: str = "baseline"
 ) -> Float[Tensor, "prompt head"]:
     """Signed bias score of every head of ``layer`` for every prompt."""
-    fn, u = norm_parts(lm.final_norm), logit_diff_dir(lm, ts)
+    fn, u = norm_parts(lm.final_norm, lm.arch.norm), logit_diff_dir(lm, ts)
     o = head_outputs(lm, cache, layer)
     x = cache.resid_pre[layer].clone()
     b = o_bias(lm, layer)
@@ -234,7 +287,7 @@ def _check_opts(norm: str, rank: str) -> None:
 
 
 def neuron_attribution(
-    lm, prompts: Sequence[str], targets: TargetSet | str = "he,she", *, norm: str = "cached", rank: str = "abs",
+    lm: LensModel, prompts: Sequence[str], targets: TargetSet | str = "he,she", *, norm: str = "cached", rank: str = "abs",
     layers: Sequence[int] | None = None, batch_size: int = 32, cache: LastCache | None = None,
     keep_per_prompt: bool = False, progress: bool = False,
 ) -> LocateResult:
@@ -265,7 +318,7 @@ def neuron_attribution(
 
 
 def head_attribution(
-    lm, prompts: Sequence[str], targets: TargetSet | str = "he,she", *, norm: str = "cached", rank: str = "abs",
+    lm: LensModel, prompts: Sequence[str], targets: TargetSet | str = "he,she", *, norm: str = "cached", rank: str = "abs",
     o_bias_mode: str = "baseline", batch_size: int = 32, cache: LastCache | None = None, progress: bool = False,
 ) -> LocateResult:
     """Bias score of every attention head (labels ``L{l}H{h}``); see the module docstring (bar if ``progress``)."""
@@ -292,22 +345,23 @@ def _check_layers(lm, layers: Sequence[int]) -> list[int]:
 
 
 # --------------------------------------------------------------------------- per-target importance
-def component_delta(lm, cache: LastCache, label: str) -> tuple[Tensor, Tensor]:
+def component_delta(lm: LensModel, cache: LastCache, label: str) -> tuple[Tensor, Tensor]:
     """(x, x + contribution) at the last position for ``L{l}N{k}`` or ``L{l}H{h}`` (o_bias in x)."""
-    if "H" in label:
-        l, h = parse_head_name(label)
+    lab = parse_as(label, NeuronLabel, HeadLabel)
+    if isinstance(lab, HeadLabel):
+        l, h = lab.layer, lab.head
         x = cache.resid_pre[l].clone()
         b = o_bias(lm, l)
         x = x + b if b is not None else x
         return x, x + head_outputs(lm, cache, l)[:, h]
-    l, k = parse_neuron_name(label)
+    l, k = lab.layer, lab.index
     x = cache.resid_mid[l]
     return x, x + cache.mlp_post[l][:, k : k + 1] * value_vectors(lm, l)[:, k][None]
 
 
 @torch.no_grad()
 def target_importance(
-    lm, cache: LastCache, labels: Sequence[str], targets: TargetSet | str = "he,she", *, norm: str = "cached",
+    lm: LensModel, cache: LastCache, labels: Sequence[str], targets: TargetSet | str = "he,she", *, norm: str = "cached",
     max_elems: int = 2**26,
 ) -> Float[Tensor, "prompt label target"]:
     """``log p(w | x + delta) - log p(w | x)`` with the full-vocabulary log-softmax, in chunks of labels.
@@ -318,7 +372,7 @@ def target_importance(
     ts = targets if isinstance(targets, TargetSet) else resolve_targets(lm.tokenizer, targets)
     if not ts.single_token:
         raise ValueError("target_importance needs single-token targets")
-    fn, W_U = norm_parts(lm.final_norm), lm.unembed.weight.detach().double()
+    fn, W_U = norm_parts(lm.final_norm, lm.arch.norm), lm.unembed.weight.detach().double()
     b_U = getattr(lm.unembed, "bias", None)
     tid = torch.as_tensor(ts.first_ids)
     s_f = fn.scale(cache.final)

@@ -4,9 +4,15 @@ For each candidate neuron (or, in greedy mode, each candidate added to the neuro
 chosen) the activation is zeroed at every position and we measure on dev prompts
 
 * the bias metric, AFGB = mean over prompts of ``|p(t0) - p(t1)|`` (raw next-token
-  probabilities of the two targets at the last real token, not renormalised);
-* retention, the perplexity of a handful of general sentences (:data:`RETENTION_TEXTS`:
-  arithmetic, facts, reading), a local stand-in for the benchmark retention probes.
+  probabilities of the two targets at the last real token, not renormalised): the scores come
+  from :func:`bias_lens.scoring.batch_target_logprobs` and the metric is
+  :func:`bias_lens.benchmarks.metrics.pairwise_gap_t`, the same code the benchmarks use;
+* retention, the perplexity of the project's one retention corpus
+  (:func:`bias_lens.benchmarks.external.retention_sentences`, fixed order; the first
+  ``RETENTION_LIMIT`` = 8 sentences by default, :func:`retention_texts`), each conditioned on the
+  tokenizer's BOS token (EOS when it has none) with every token scored, through
+  :func:`bias_lens.scoring.batch_token_logprobs` -- the retention benchmark's
+  definition on a cheap fixed prefix of its corpus.
 
 Batching: the dev batch is replicated R times and replica r masks its own neuron set through a
 per-row scale (:func:`mask_rows`), so R candidates share one forward pass. Independent mode ranks
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -28,23 +35,23 @@ from torch import Tensor
 from ..arch import parse_neuron_name
 from ..hooks import Hook, HookInfo
 from ..progress import bar
-from ..scoring import check_prompts, iter_batches
+from ..scoring import batch_target_logprobs, batch_token_logprobs, check_prompts, iter_batches
 from ..targets import TargetSet, resolve_targets
-from .attribution import base_model
 from .result import LocateResult
+
+if TYPE_CHECKING:
+    from ..lens import LensModel
 
 log = logging.getLogger(__name__)
 
-RETENTION_TEXTS = (
-    "Two plus two equals four, and three plus five equals eight.",
-    "The capital of France is Paris, and the capital of Japan is Tokyo.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-    "She opened the book, read the first chapter, and then made some tea.",
-    "The train leaves the station at nine in the morning every day.",
-    "A triangle has three sides and a square has four sides.",
-    "He planted tomatoes in the garden because the summer was warm.",
-    "The meeting was moved to Thursday so that everyone could attend.",
-)
+RETENTION_LIMIT = 8  # sentences of the retention corpus scored per candidate set
+
+
+def retention_texts(limit: int = RETENTION_LIMIT) -> list[str]:
+    """The first ``limit`` sentences of the retention corpus (:func:`bias_lens.benchmarks.external.retention_texts`)."""
+    from ..benchmarks.external import retention_texts as texts
+
+    return texts(limit)
 
 
 def mask_rows(scales: dict[int, Float[Tensor, "batch d_mlp"]]) -> list[Hook]:
@@ -67,52 +74,65 @@ def _scales(lm, sets: Sequence[Sequence[tuple[int, int]]], rows: int) -> dict[in
     return out
 
 
+def _sentence_batches(lm, texts: Sequence[str], batch_size: int):
+    from ..benchmarks.sentence_scoring import sentence_ids
+
+    return iter_batches(lm.tokenizer, [], batch_size, device=lm.device, token_ids=sentence_ids(lm.tokenizer, texts))
+
+
+def _chunk_afgb(lm, chunk, prompts, targets: TargetSet, max_rows: int) -> Float[Tensor, " set"]:
+    """Summed per-prompt target gap with each set of ``chunk`` masked (one replica per set)."""
+    from ..benchmarks.metrics import pairwise_gap_t
+
+    R, out = len(chunk), torch.zeros(len(chunk), dtype=torch.float64)
+    for b in iter_batches(lm.tokenizer, prompts, max_rows, device=lm.device):
+        n = b.input_ids.shape[0]
+        with lm.hooks(mask_rows(_scales(lm, chunk, n))):
+            p = batch_target_logprobs(lm, b.repeat(R), targets).exp()
+        out += pairwise_gap_t(p).view(R, n).sum(1).cpu()
+    return out
+
+
+def _chunk_nll(lm, chunk, texts, batch_size: int) -> tuple[Float[Tensor, " set"], int]:
+    """Summed retention NLL with each set of ``chunk`` masked, and the number of scored tokens."""
+    R, out, toks = len(chunk), torch.zeros(len(chunk), dtype=torch.float64), 0
+    for b in _sentence_batches(lm, texts, batch_size):
+        n = b.input_ids.shape[0]
+        with lm.hooks(mask_rows(_scales(lm, chunk, n))):
+            lp, _ = batch_token_logprobs(lm, b.repeat(R))
+        out -= (lp * b.attention_mask[:, 1:].repeat(R, 1).to(lp)).sum(1).view(R, n).sum(1)
+        toks += int(b.attention_mask[:, 1:].sum())
+    return out, toks
+
+
 @torch.no_grad()
 def evaluate_sets(
-    lm, sets: Sequence[Sequence[tuple[int, int]]], prompts: Sequence[str], targets: TargetSet,
-    texts: Sequence[str] = RETENTION_TEXTS, *, max_rows: int = 256, progress: bool = False,
+    lm: LensModel, sets: Sequence[Sequence[tuple[int, int]]], prompts: Sequence[str], targets: TargetSet,
+    texts: Sequence[str] | None = None, *, max_rows: int = 256, progress: bool = False,
 ) -> tuple[Float[Tensor, " set"], Float[Tensor, " set"]]:
     """AFGB and retention perplexity with each neuron set masked (R sets per forward pass; bar if ``progress``)."""
-    tid = torch.as_tensor(targets.first_ids)
+    texts = retention_texts() if texts is None else list(texts)
     afgb = torch.zeros(len(sets), dtype=torch.float64)
     nll = torch.zeros(len(sets), dtype=torch.float64)
-    n_tok = 0
+    n_tok = 1
     per = max(1, max_rows // max(1, min(len(prompts), max_rows)))
     starts = range(0, len(sets), per)
     for c0 in bar(starts, total=len(starts), desc="causal masking", enabled=progress, unit="chunk"):
         chunk = sets[c0 : c0 + per]
-        R = len(chunk)
-        for b in iter_batches(lm.tokenizer, prompts, max_rows, device=lm.device):
-            n = b.input_ids.shape[0]
-            with lm.hooks(mask_rows(_scales(lm, chunk, n))):
-                h = base_model(lm)(input_ids=b.input_ids.repeat(R, 1), attention_mask=b.attention_mask.repeat(R, 1)).last_hidden_state
-            last = b.last.repeat(R)
-            p = torch.softmax(lm.unembed(h[torch.arange(R * n), last]).double(), -1)[:, tid.to(h.device)]
-            afgb[c0 : c0 + R] += (p[:, 0] - p[:, 1]).abs().view(R, n).sum(1).cpu()
-        toks = 0
-        for b in iter_batches(lm.tokenizer, list(texts), max_rows, device=lm.device):
-            n = b.input_ids.shape[0]
-            with lm.hooks(mask_rows(_scales(lm, chunk, n))):
-                logits = lm.hf(input_ids=b.input_ids.repeat(R, 1), attention_mask=b.attention_mask.repeat(R, 1)).logits
-            nll[c0 : c0 + R] += _nll_sum(logits, b.input_ids.repeat(R, 1), b.attention_mask.repeat(R, 1)).view(R, n).sum(1).cpu()
-            toks += int(b.attention_mask[:, 1:].sum())
-        n_tok = toks
+        afgb[c0 : c0 + len(chunk)] = _chunk_afgb(lm, chunk, prompts, targets, max_rows)
+        nll[c0 : c0 + len(chunk)], n_tok = _chunk_nll(lm, chunk, texts, max(1, max_rows // len(chunk)))
     return afgb / len(prompts), torch.exp(nll / n_tok)
 
 
-def _nll_sum(logits: Tensor, ids: Tensor, mask: Tensor) -> Float[Tensor, " batch"]:
-    lp = torch.log_softmax(logits[:, :-1].double(), -1)
-    tok = lp.gather(-1, ids[:, 1:, None])[..., 0]
-    return -(tok * mask[:, 1:]).sum(1)
+def retention(lm: LensModel, texts: Sequence[str] | None = None, *, batch_size: int = 32) -> tuple[float, str]:
+    """Perplexity of ``texts`` (default :func:`retention_texts`; BOS-prefixed, every token scored)
+    under whatever hooks are active (lower is better)."""
+    from ..benchmarks.metrics import perplexity
+    from ..benchmarks.sentence_scoring import token_logprobs
 
-
-def retention(lm, texts: Sequence[str] = RETENTION_TEXTS) -> tuple[float, str]:
-    """Perplexity of ``texts`` under whatever hooks are active (lower is better)."""
+    texts = retention_texts() if texts is None else list(texts)
     with torch.no_grad():
-        b = next(iter_batches(lm.tokenizer, list(texts), len(texts), device=lm.device))
-        logits = lm.hf(**b.model_inputs()).logits
-        nll = _nll_sum(logits, b.input_ids, b.attention_mask).sum()
-    return float(torch.exp(nll / b.attention_mask[:, 1:].sum())), "perplexity"
+        return float(perplexity(token_logprobs(lm, texts, batch_size=batch_size))), "perplexity"
 
 
 def _parse(labels: Sequence[str], lm) -> list[tuple[int, int]]:
@@ -126,16 +146,17 @@ def _parse(labels: Sequence[str], lm) -> list[tuple[int, int]]:
 
 
 def causal_selection(
-    lm, candidates: Sequence[str], prompts: Sequence[str], targets: TargetSet | str = "he,she", *,
+    lm: LensModel, candidates: Sequence[str], prompts: Sequence[str], targets: TargetSet | str = "he,she", *,
     k: int = 50, max_ppl_increase: float = 0.05, mode: str = "independent",
-    texts: Sequence[str] = RETENTION_TEXTS, max_rows: int = 256, progress: bool = False,
+    texts: Sequence[str] | None = None, max_rows: int = 256, progress: bool = False,
 ) -> LocateResult:
     """Select up to ``k`` candidate neurons whose masking lowers AFGB with retention in bounds.
 
     Independent mode: labels = candidates, scores = change in AFGB (ascending: most bias-reducing
     first), ``extras["selected"]`` = the chosen top ``k``. Greedy mode: labels = the chosen
     neurons in order, scores = each step's AFGB reduction, ``extras["afgb"]`` the cumulative AFGB.
-    ``progress=True`` shows a bar over candidate chunks (independent) or greedy steps (up to ``k``).
+    ``texts``: retention sentences (default :func:`retention_texts`; ``extras["retention"]`` says
+    which). ``progress=True`` shows a bar over candidate chunks (independent) or greedy steps.
     """
     if mode not in ("independent", "greedy"):
         raise ValueError(f"mode must be 'independent' or 'greedy', got {mode!r}")
@@ -146,23 +167,34 @@ def causal_selection(
         raise ValueError("no candidate neurons given; pass labels like L3N17 (e.g. the top of neuron_attribution)")
     cands = _parse(candidates, lm)
     ts = targets if isinstance(targets, TargetSet) else resolve_targets(lm.tokenizer, targets)
-    if len(ts) != 2 or not ts.single_token:
-        raise ValueError("causal selection needs exactly two single-token targets (e.g. he,she)")
+    ts.require(n=2, single_token=True)
+    source = f"retention_sentences[:{RETENTION_LIMIT}],bos" if texts is None else f"custom[{len(texts)}],bos"
+    texts = retention_texts() if texts is None else check_prompts(texts)
     a0, p0 = evaluate_sets(lm, [[]], prompts, ts, texts, max_rows=max_rows)
-    base = {"afgb_base": float(a0[0]), "ppl_base": float(p0[0]), "max_ppl_increase": max_ppl_increase, "k": k}
+    base = {"afgb_base": float(a0[0]), "ppl_base": float(p0[0]), "max_ppl_increase": max_ppl_increase, "k": k,
+            "retention": source}
     limit = float(p0[0]) * (1 + max_ppl_increase)
-    if mode == "independent":
-        a, p = evaluate_sets(lm, [[c] for c in cands], prompts, ts, texts, max_rows=max_rows, progress=progress)
-        delta = a - a0[0]
-        ok = [i for i in torch.argsort(delta, stable=True).tolist() if delta[i] < 0 and p[i] <= limit]
-        sel = [candidates[i] for i in ok[:k]]
-        return LocateResult(
-            "causal", list(candidates), delta, variant=f"independent,afgb,ppl<=+{max_ppl_increase:g}", ascending=True,
-            model=lm.name, n_samples=len(prompts),
-            extras={**base, "selected": sel, "ppl": p, "afgb": a, "ppl_delta": p - p0[0]},
-        )
+    run = _independent if mode == "independent" else _greedy
+    return run(lm, list(candidates), cands, prompts, ts, texts, base, limit, k=k, max_rows=max_rows, progress=progress)
+
+
+def _independent(lm, candidates, cands, prompts, ts, texts, base, limit, *, k, max_rows, progress) -> LocateResult:
+    """Each candidate masked alone; the top ``k`` AFGB reductions within the retention limit."""
+    a, p = evaluate_sets(lm, [[c] for c in cands], prompts, ts, texts, max_rows=max_rows, progress=progress)
+    delta = a - base["afgb_base"]
+    ok = [i for i in torch.argsort(delta, stable=True).tolist() if delta[i] < 0 and p[i] <= limit]
+    sel = [candidates[i] for i in ok[:k]]
+    return LocateResult(
+        "causal", candidates, delta, variant=f"independent,afgb,ppl<=+{base['max_ppl_increase']:g}", ascending=True,
+        model=lm.name, n_samples=len(prompts),
+        extras={**base, "selected": sel, "ppl": p, "afgb": a, "ppl_delta": p - base["ppl_base"]},
+    )
+
+
+def _greedy(lm, candidates, cands, prompts, ts, texts, base, limit, *, k, max_rows, progress) -> LocateResult:
+    """Grow the masked set one neuron at a time (largest AFGB drop within the retention limit)."""
     chosen: list[int] = []
-    cur, scores, ppls, afgbs = float(a0[0]), [], [], []
+    cur, scores, ppls, afgbs = base["afgb_base"], [], [], []
     steps = bar(total=k, desc="greedy causal selection", enabled=progress, unit="neuron")
     while len(chosen) < k:
         rest = [i for i in range(len(cands)) if i not in chosen]
@@ -182,7 +214,7 @@ def causal_selection(
     steps.close()
     labels = [candidates[i] for i in chosen]
     return LocateResult(
-        "causal", labels, torch.tensor(scores, dtype=torch.float64), variant=f"greedy,afgb,ppl<=+{max_ppl_increase:g}",
+        "causal", labels, torch.tensor(scores, dtype=torch.float64), variant=f"greedy,afgb,ppl<=+{base['max_ppl_increase']:g}",
         model=lm.name, n_samples=len(prompts),
         extras={**base, "selected": labels, "afgb": afgbs, "ppl": ppls},
     )

@@ -22,15 +22,20 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ..arch import param_ref, parse_neuron_name
+from ..labels import HeadLabel, NeuronLabel, parse_as, try_parse
 from .attribution import LastCache, collect_last, head_out_weight, o_bias, value_vectors
 from .query_neurons import input_rows, ln2
 from .result import LocateResult
+
+if TYPE_CHECKING:
+    from ..lens import LensModel
 
 
 def _bias_vec(lm, name: str) -> Tensor | None:
@@ -39,7 +44,7 @@ def _bias_vec(lm, name: str) -> Tensor | None:
 
 
 def upstream_contributions(
-    lm, cache: LastCache, label: str, *, input_dir: str | None = None,
+    lm: LensModel, cache: LastCache, label: str, *, input_dir: str | None = None,
 ) -> tuple[list[str], Float[Tensor, "prompt component"], Float[Tensor, " prompt"]]:
     """Labels, per-prompt contributions to neuron ``label``'s input, and the input itself."""
     l, k = parse_neuron_name(label)
@@ -83,9 +88,11 @@ class CircuitGraph:
     model: str = ""
 
     def to_dict(self) -> dict:
+        """The graph as plain dicts and lists (JSON-ready)."""
         return asdict(self)
 
-    def to_json(self, **kw) -> str:
+    def to_json(self, **kw: Any) -> str:
+        """The graph as a JSON string (``kw`` is passed to :func:`json.dumps`)."""
         return json.dumps(self.to_dict(), **kw)
 
     def to_result(self) -> LocateResult:
@@ -101,19 +108,20 @@ class CircuitGraph:
 def _node(label: str) -> dict:
     if label in ("embed", "bias"):
         return {"label": label, "layer": -1, "kind": label}
-    kind = "head" if "H" in label else "neuron"
-    return {"label": label, "layer": int(label[1:].split("H" if kind == "head" else "N")[0]), "kind": kind}
+    lab = parse_as(label, HeadLabel, NeuronLabel)
+    return {"label": label, "layer": lab.layer, "kind": lab.KIND}
 
 
 def trace_circuit(
-    lm, root: str, prompts: Sequence[str] | None = None, *, cache: LastCache | None = None, top_k: int = 5,
+    lm: LensModel, root: str, prompts: Sequence[str] | None = None, *, cache: LastCache | None = None, top_k: int = 5,
     depth: int = 2, input_dir: str | None = None, batch_size: int = 32,
 ) -> CircuitGraph:
     """Recursive top-``top_k`` upstream trace from neuron ``root`` (``L{l}N{k}``)."""
     if top_k < 1 or depth < 1:
         raise ValueError("top_k and depth must be >= 1")
-    if "H" in root:
+    if isinstance(try_parse(root), HeadLabel):
         raise ValueError(f"{root}: tracing from a head is not supported (heads are leaves); start from a neuron L{{l}}N{{k}}")
+    parse_as(root, NeuronLabel)  # a clear error before the cache pass
     if cache is None:
         if prompts is None:
             raise ValueError("pass prompts or a cache")

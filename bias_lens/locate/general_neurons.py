@@ -31,18 +31,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..arch import parse_neuron_name
+from ..arch import neurons_to_dict, parse_neuron_name
 from ..hooks import HookInfo, mask_neurons
 from ..scoring import check_prompts, iter_batches
 from ..targets import TargetSet
 from .attribution import base_model, check_pair, logit_diff_dir, norm_parts, value_vectors
 from .result import LocateResult
 from .value_neurons import attn_pieces, is_attn_neuron, kv_head, parse_attn_neuron
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..lens import LensModel
 
 
 @dataclass
@@ -59,7 +65,7 @@ class PositionStats:
     attn_argmax0_frac: Float[Tensor, "layer head d_head"] | None = None
 
 
-def with_start_token(lm, prompts: Sequence[str], start_token: bool = True) -> tuple[list[str], str]:
+def with_start_token(lm: LensModel, prompts: Sequence[str], start_token: bool = True) -> tuple[list[str], str]:
     """``prompts`` with the model's start token prepended (see the module docstring) and its kind."""
     prompts = check_prompts(prompts)
     if not start_token:
@@ -81,7 +87,7 @@ def with_start_token(lm, prompts: Sequence[str], start_token: bool = True) -> tu
 
 @torch.no_grad()
 def position_stats(
-    lm, prompts: Sequence[str], *, by: str = "activation", z: float = 3.0, targets: TargetSet | str = "he,she",
+    lm: LensModel, prompts: Sequence[str], *, by: str = "activation", z: float = 3.0, targets: TargetSet | str = "he,she",
     batch_size: int = 16, start_token: bool = True, attention: bool = False,
 ) -> PositionStats:
     """Argmax-at-0 and outsized-at-0 fractions for every neuron (see module docstring)."""
@@ -92,7 +98,7 @@ def position_stats(
     arg0 = torch.zeros(L, lm.d_mlp, dtype=torch.float64)
     outs = torch.zeros(L, lm.d_mlp, dtype=torch.float64)
     n_elig = 0
-    fn = norm_parts(lm.final_norm)
+    fn = norm_parts(lm.final_norm, lm.arch.norm)
     r = fn.read_dir(logit_diff_dir(lm, check_pair(lm, targets))) if by == "attribution" else None
     for b in iter_batches(lm.tokenizer, prompts, batch_size, device=lm.device):
         acts: dict[int, Tensor] = {}
@@ -196,16 +202,9 @@ def detect_general(stats: PositionStats, *, min_frac: float = 0.9, model: str = 
     )
 
 
-def _as_mask(labels: Sequence[str]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for lab in labels:
-        l, k = parse_neuron_name(lab)
-        out.setdefault(l, []).append(k)
-    return out
-
-
 def masking_effect(
-    lm, general: Sequence[str], bias: Sequence[str], *, n: int = 2, retention_fn=None,
+    lm: LensModel, general: Sequence[str], bias: Sequence[str], *, n: int = 2,
+    retention_fn: Callable[[LensModel], tuple[float, str]] | None = None,
 ) -> dict[str, float | str | list[str]]:
     """Retention with nothing masked, with the top-n general neurons masked, and with the top-n
     (general-filtered) bias neurons masked. ``retention_fn(lm) -> (value, name)``; default
@@ -216,7 +215,7 @@ def masking_effect(
     base, name = retention_fn(lm)
     out: dict[str, float | str | list[str]] = {"metric": name, "base": base, "n": n}
     for key, labels in (("general", list(general)[:n]), ("bias", list(bias)[:n])):
-        with lm.hooks(mask_neurons(_as_mask(labels))):
+        with lm.hooks(mask_neurons(neurons_to_dict(labels))):
             out[key] = retention_fn(lm)[0]
         out[f"{key}_neurons"] = labels
     return out

@@ -42,18 +42,22 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from ..arch import ParamRef, get_submodule, param_ref
+from ..arch import ParamRef, get_submodule, param_ref, parse_module_name
 from ..progress import bar, batch_count
 from ..scoring import Batch, check_prompts, iter_batches, pad_right
 from ..targets import TargetSet, resolve_targets
 from .attribution import base_model
 from .result import LocateResult
+
+if TYPE_CHECKING:
+    from ..lens import LensModel
 
 log = logging.getLogger(__name__)
 ORDERS = ("descending", "ascending")
@@ -81,14 +85,13 @@ def grad_only(model: nn.Module, param: nn.Parameter) -> Iterator[None]:
 def capture_io(module: nn.Module, store: dict[str, Tensor]) -> Iterator[None]:
     """Keep the module's input (``x``) and output (``y``, still in the graph) of the last forward."""
 
-    def hook(mod: nn.Module, args: tuple, output: Tensor) -> None:
+    from ..hooks import module_hooks
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
         store["x"], store["y"] = args[0], output
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with module_hooks(forward=[(module, hook)]):
         yield
-    finally:
-        handle.remove()
 
 
 def as_rows(ref: ParamRef, g: Tensor) -> Float[Tensor, "out in"]:
@@ -102,10 +105,13 @@ def out_rows(ref: ParamRef, dy: Tensor) -> Tensor:
     return dy[..., ref.rows] if ref.rows is not None else dy
 
 
-def check_target_pair(lm, targets: TargetSet | str | Sequence[str]) -> tuple[TargetSet, list[int]]:
+def check_target_pair(lm: LensModel, targets: TargetSet | str | Sequence[str]) -> tuple[TargetSet, list[int]]:
+    """The two single-token targets and their ids; ValueError unless there are exactly two single-token targets."""
     ts = targets if isinstance(targets, TargetSet) else resolve_targets(lm.tokenizer, targets)
-    if len(ts) != 2:
-        raise ValueError(f"gradient locating needs exactly two targets (e.g. he,she), got {list(ts.words)}")
+    try:
+        ts.require(n=2)
+    except ValueError as err:
+        raise type(err)(f"gradient locating needs exactly two distinct targets (e.g. he,she): {err}") from None
     if not ts.single_token:
         log.warning("multi-token targets %s: using the gradient of each target's first token", list(ts.words))
     return ts, ts.first_ids
@@ -131,7 +137,7 @@ def _prompt_losses(lm, b: Batch, tid: list[int]) -> tuple[Tensor, Tensor]:
     """Summed log p(t0), log p(t1) at the last real token (only that position is unembedded)."""
     h = base_model(lm)(**b.model_inputs())[0]
     last = h[torch.arange(h.shape[0], device=h.device), b.last.to(h.device)]
-    lp = torch.log_softmax(upcast(lm.unembed(last)), -1)
+    lp = torch.log_softmax(upcast(lm.logits_from_normed(last)), -1)
     return lp[:, tid[0]].sum(), lp[:, tid[1]].sum()
 
 
@@ -142,7 +148,7 @@ def text_loglik(logits: Float[Tensor, "batch pos d_vocab"], ids: Int[Tensor, "ba
 
 
 def grad_steps(
-    lm, ref: ParamRef, batches: Iterator[tuple[list[int], Callable[[], tuple[Tensor, Tensor]]]], *,
+    lm: LensModel, ref: ParamRef, batches: Iterator[tuple[list[int], Callable[[], tuple[Tensor, Tensor]]]], *,
     weights: bool = True, factors: bool = False,
 ) -> Iterator[GradStep]:
     """Run ``loss_fn`` per batch (one forward) and take two backward passes w.r.t. W (and/or y)."""
@@ -230,17 +236,41 @@ def _check_opts(order: str, keep: float, batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
+def module_of(module: str | LocateResult | None, caller: str) -> str:
+    """The module label a gradient locator works on: given, or the top weight-matrix label of a
+    module-scale result (labels that are whole blocks/sub-blocks, ``L3.attn``, are skipped).
+
+    There is no model-specific default: a module must be named or located first.
+    """
+    if isinstance(module, LocateResult):
+        for lab in module.top_labels(len(module.labels)):
+            try:
+                parse_module_name(lab)
+            except ValueError:
+                continue
+            return lab
+        raise ValueError(f"{caller}: the {module.method} result holds no weight-matrix label (L{{l}}.attn.q ... "
+                         "L{l}.mlp.down); pass a module_scale result or a module label")
+    if module is None:
+        raise ValueError(f"{caller} needs module=: a module label such as 'L3.mlp.down', or a module_scale "
+                         "LocateResult (its top weight-matrix module is used)")
+    return module
+
+
 def row_scale(
-    lm, prompts: Sequence[str] | None, module: str = "L29.mlp.down", targets: TargetSet | str = "he,she", *,
+    lm: LensModel, prompts: Sequence[str] | None, module: str | LocateResult | None = None, targets: TargetSet | str = "he,she", *,
     order: str = "descending", pair_texts: Sequence[tuple[str, str]] | None = None, keep: float = 0.5,
     batch_size: int = 32, progress: bool = False,
 ) -> LocateResult:
     """Row cosines ``cos(Grad_t0[r], Grad_t1[r])`` of ``module``'s weight (labels ``{module}/row{r}``).
 
+    ``module`` is required: a module label (``"L{l}.mlp.down"``) or a module-scale
+    :class:`LocateResult`, whose top weight-matrix label is used (:func:`module_of`).
     Pass ``prompts`` (targets at the last token) or ``pair_texts`` (``prompts=None``), not both.
     ``progress=True`` shows a bar over the forward/backward batches.
     """
     _check_opts(order, keep, batch_size)
+    module = module_of(module, "row_scale")
     ref = param_ref(lm.hf, module)
     if pair_texts is not None:
         if prompts:
@@ -284,7 +314,7 @@ def _selected_rows(rows, module: str, n_out: int) -> list[int]:
 
 
 def neuron_scale(
-    lm, prompts: Sequence[str], module: str = "L29.mlp.down", targets: TargetSet | str = "he,she", *,
+    lm: LensModel, prompts: Sequence[str], module: str | LocateResult | None = None, targets: TargetSet | str = "he,she", *,
     rows: Sequence[int] | LocateResult | None = None, order: str = "descending", keep: float = 0.5,
     batch_size: int = 32, progress: bool = False,
 ) -> LocateResult:
@@ -294,9 +324,14 @@ def neuron_scale(
     and backward passes: per-batch output-gradient differences and module inputs are kept (memory
     ``prompts x pos x (out + in)`` floats) until the rows are known. The row result is in
     ``extras["row_result"]``. ``progress=True`` shows a bar over the forward/backward batches.
+    ``module`` is required, as in :func:`row_scale`; with ``rows`` a row-scale result and no
+    ``module``, the result's module is used.
     """
     _check_opts(order, keep, batch_size)
     prompts = check_prompts(prompts)
+    if module is None and isinstance(rows, LocateResult) and rows.extras.get("module"):
+        module = rows.extras["module"]
+    module = module_of(module, "neuron_scale")
     ref = param_ref(lm.hf, module)
     ts, tid = check_target_pair(lm, targets)
     n_out, n_in = ref.weight_view(lm.hf).shape

@@ -33,6 +33,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +41,15 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..arch import tl_hook_name
+from ..hooks import module_hooks
 from ..progress import bar, batch_count
 from ..scoring import Batch, check_prompts, iter_batches
 from ..targets import TargetSet, resolve_targets
 from .attribution import base_model, norm_parts
 from .result import LocateResult
+
+if TYPE_CHECKING:
+    from ..lens import LensModel
 
 log = logging.getLogger(__name__)
 LENSES = ("hf", "tl", "nnsight")
@@ -79,12 +84,8 @@ def _run_hf(lm, b: Batch, observe: Observer) -> None:
 
         return hook
 
-    handles = [blk.register_forward_hook(make(i), with_kwargs=True) for i, blk in enumerate(lm.layers)]
-    try:
+    with module_hooks(forward=[(blk, make(i)) for i, blk in enumerate(lm.layers)]):
         base_model(lm)(**b.model_inputs(), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _run_tl(lm, b: Batch, observe: Observer) -> None:
@@ -120,7 +121,7 @@ _RUNNERS = {"hf": _run_hf, "tl": _run_tl, "nnsight": _run_nnsight}
 
 @torch.no_grad()
 def residual_pass(
-    lm, prompts: Sequence[str], *, lens: str = "hf", batch_size: int = 32, bmi: bool = False,
+    lm: LensModel, prompts: Sequence[str], *, lens: str = "hf", batch_size: int = 32, bmi: bool = False,
     progress: bool = False,
 ) -> ResidualPass:
     """One batched forward pass keeping H^(0..L) at the last real token and, if ``bmi``, per-prompt BMI.
@@ -155,21 +156,18 @@ def residual_pass(
 
 
 # --------------------------------------------------------------------------- logit lens
-def single_token_targets(lm, targets: TargetSet | str | Sequence[str], what: str) -> TargetSet:
+def single_token_targets(lm: LensModel, targets: TargetSet | str | Sequence[str], what: str) -> TargetSet:
     """Resolve targets and refuse multi-token words (see the module docstring for why)."""
     ts = targets if isinstance(targets, TargetSet) else resolve_targets(lm.tokenizer, targets)
-    if not ts.single_token:
-        bad = [f"{w!r} -> {list(t)}" for w, t in zip(ts.words, ts.token_ids) if len(t) != 1]
-        raise ValueError(
-            f"{what} compares next-token probabilities per layer, so every target must be one token; "
-            f"multi-token targets: {', '.join(bad)}. Choose single-token words (e.g. he,she)."
-        )
-    return ts
+    try:
+        return ts.require(single_token=True)
+    except ValueError as err:
+        raise type(err)(f"{what} compares next-token probabilities per layer: {err}") from None
 
 
 @torch.no_grad()
 def lens_probs(
-    lm,
+    lm: LensModel,
     resid: Float[Tensor, "... d_model"],
     target_ids: Sequence[int],
     *,
@@ -191,11 +189,11 @@ def lens_probs(
     else:
         if final is None:
             raise ValueError("norm='cached' needs the final residual to take the scale from")
-        fn = norm_parts(lm.final_norm)
+        fn = norm_parts(lm.final_norm, lm.arch.norm)
         scale = fn.scale(final.to(dev).double()).to(h.dtype)
         normed = fn.center(h) / scale * fn.weight.to(h)
         normed = normed + fn.bias.to(h) if fn.bias is not None else normed
-    logits = lm.unembed(normed.to(lm.unembed.weight.device))
+    logits = lm.logits_from_normed(normed)  # unembedding (+ the family's soft-cap, Gemma-2)
     lse = torch.logsumexp(logits.float(), -1, keepdim=True)
     tid = torch.as_tensor(list(target_ids), device=logits.device)
     return (logits[..., tid].float() - lse).double().exp().cpu()
@@ -212,6 +210,7 @@ def _layer_probs(lm, rp: ResidualPass, ts: TargetSet, norm: str, chunk: int) -> 
 
 
 def layer_labels(n_layers: int) -> list[str]:
+    """The layer labels ``L0 .. L{n_layers-1}``."""
     return [f"L{i}" for i in range(n_layers)]
 
 
@@ -238,16 +237,20 @@ def _layer_result(lm, rp: ResidualPass, ts: TargetSet, norm: str, lens: str, bat
     )
 
 
-def layer_scale(
-    lm,
-    prompts: Sequence[str],
-    targets: TargetSet | str | Sequence[str] = "he,she",
-    *,
-    norm: str = "recompute",
-    lens: str = "hf",
-    batch_size: int = 32,
-    progress: bool = False,
-) -> LocateResult:
+def _layer_pass(lm, prompts, targets, norm: str, lens: str, batch_size: int, progress: bool,
+                bmi: bool) -> tuple[ResidualPass, TargetSet]:
+    """Check the layer-scale arguments, then the one residual pass (with BMI when ``bmi``)."""
+    if norm not in NORM_MODES:
+        raise ValueError(f"norm must be one of {', '.join(NORM_MODES)}; got {norm!r}")
+    _check_lens(lens)
+    ts = single_token_targets(lm, targets, "layer_scale")
+    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=bmi, progress=progress)
+    return rp, ts
+
+
+def layer_scale(lm: LensModel, prompts: Sequence[str], targets: TargetSet | str | Sequence[str] = "he,she", *,
+                norm: str = "recompute", lens: str = "hf", batch_size: int = 32,
+                progress: bool = False) -> LocateResult:
     """MSME Eq. 2 layer importance ``I(L_i) = sum_t |p^(i+1)[t] - p^(i)[t]|`` (see module docstring).
 
     ``norm="recompute"`` (default, the literal reading) recomputes the final norm on each H^(i);
@@ -255,11 +258,7 @@ def layer_scale(
     ``per_sample_argmax`` (prompts whose largest score is at each layer, aligned with labels) and
     ``p_targets`` (mean target probabilities per lens layer 0..L, ``[layer+1, target]``).
     """
-    if norm not in NORM_MODES:
-        raise ValueError(f"norm must be one of {', '.join(NORM_MODES)}; got {norm!r}")
-    _check_lens(lens)
-    ts = single_token_targets(lm, targets, "layer_scale")
-    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=False, progress=progress)
+    rp, ts = _layer_pass(lm, prompts, targets, norm, lens, batch_size, progress, bmi=False)
     return _layer_result(lm, rp, ts, norm, lens, batch_size)
 
 
@@ -276,7 +275,7 @@ def _bmi_result(lm, per: Tensor, lens: str, variant: str = "1-cos, mean over rea
     )
 
 
-def bmi(lm, prompts: Sequence[str], *, lens: str = "hf", batch_size: int = 32, progress: bool = False) -> LocateResult:
+def bmi(lm: LensModel, prompts: Sequence[str], *, lens: str = "hf", batch_size: int = 32, progress: bool = False) -> LocateResult:
     """LFTF Eq. 4 block modification intensity ``1 - cos(H^(i)_l, H^(i+1)_l)`` per block.
 
     Mean over each prompt's real (non-padding) positions, then over prompts; cosines are taken
@@ -288,22 +287,11 @@ def bmi(lm, prompts: Sequence[str], *, lens: str = "hf", batch_size: int = 32, p
     return _bmi_result(lm, rp.bmi, lens)
 
 
-def layer_scale_and_bmi(
-    lm,
-    prompts: Sequence[str],
-    targets: TargetSet | str | Sequence[str] = "he,she",
-    *,
-    norm: str = "recompute",
-    lens: str = "hf",
-    batch_size: int = 32,
-    progress: bool = False,
-) -> tuple[LocateResult, LocateResult]:
+def layer_scale_and_bmi(lm: LensModel, prompts: Sequence[str], targets: TargetSet | str | Sequence[str] = "he,she", *,
+                        norm: str = "recompute", lens: str = "hf", batch_size: int = 32,
+                        progress: bool = False) -> tuple[LocateResult, LocateResult]:
     """Both results from ONE forward pass (same numbers as calling each function separately)."""
-    if norm not in NORM_MODES:
-        raise ValueError(f"norm must be one of {', '.join(NORM_MODES)}; got {norm!r}")
-    _check_lens(lens)
-    ts = single_token_targets(lm, targets, "layer_scale")
-    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=True, progress=progress)
+    rp, ts = _layer_pass(lm, prompts, targets, norm, lens, batch_size, progress, bmi=True)
     assert rp.bmi is not None
     return _layer_result(lm, rp, ts, norm, lens, batch_size), _bmi_result(lm, rp.bmi, lens)
 
@@ -318,7 +306,7 @@ def _kendall_tau(a: Tensor, b: Tensor) -> float:
 
 
 def bmi_robustness(
-    lm,
+    lm: LensModel,
     pool: Sequence[str],
     *,
     seeds: Sequence[int] = (0, 1, 2, 3, 4),

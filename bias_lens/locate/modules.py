@@ -28,13 +28,14 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ..arch import param_ref
+from ..hooks import module_hooks
 from ..progress import bar, batch_count
 from ..scoring import Batch, check_prompts, iter_batches
 from ..targets import TargetSet
@@ -42,17 +43,20 @@ from .attribution import base_model
 from .layers import lens_probs, single_token_targets
 from .result import LocateResult
 
+if TYPE_CHECKING:
+    from ..lens import LensModel
+
 log = logging.getLogger(__name__)
 #: Module kinds in scan order; ``attn`` / ``mlp`` are the whole sub-blocks.
 BLOCK_MODULES: tuple[str, ...] = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "attn", "mlp")
 
 
-def available_modules(lm) -> list[str]:
+def available_modules(lm: LensModel) -> list[str]:
     """The module kinds this architecture has, in scan order (GPT-2 has no ``mlp.gate``)."""
     return [m for m in BLOCK_MODULES if m in ("attn", "mlp") or m in lm.arch.modules]
 
 
-def module_views(lm, layer: int, module: str) -> list[Tensor]:
+def module_views(lm: LensModel, layer: int, module: str) -> list[Tensor]:
     """Views (sharing storage) of every parameter of ``L{layer}.{module}``: weight and bias slices."""
     if module in ("attn", "mlp"):
         return list(lm.submodule(layer, module).parameters())
@@ -85,7 +89,7 @@ class Prefix:
 
 
 @torch.no_grad()
-def capture_prefix(lm, b: Batch) -> Prefix:
+def capture_prefix(lm: LensModel, b: Batch) -> Prefix:
     """Run the body once, caching each block's input H^(i), its call arguments, and H^(L)."""
     L = lm.n_layers
     hidden: list[Tensor | None] = [None] * (L + 1)
@@ -103,17 +107,12 @@ def capture_prefix(lm, b: Batch) -> Prefix:
     def post(module, args, kwargs, output):
         hidden[L] = output[0] if isinstance(output, tuple) else output
 
-    handles = [blk.register_forward_pre_hook(pre(i), with_kwargs=True) for i, blk in enumerate(lm.layers)]
-    handles.append(lm.layers[L - 1].register_forward_hook(post, with_kwargs=True))
-    try:
+    with module_hooks(forward=[(lm.layers[L - 1], post)], pre=[(blk, pre(i)) for i, blk in enumerate(lm.layers)]):
         base_model(lm)(**b.model_inputs(), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     return Prefix(hidden, calls)  # type: ignore[arg-type]
 
 
-def run_block(lm, prefix: Prefix, i: int, h: Tensor) -> Tensor:
+def run_block(lm: LensModel, prefix: Prefix, i: int, h: Tensor) -> Tensor:
     """Block i applied to ``h`` with exactly the arguments the full forward gave it."""
     args, kwargs, key = prefix.calls[i]
     out = lm.layers[i](**{**kwargs, key: h}) if key else lm.layers[i](h, *args, **kwargs)
@@ -146,7 +145,7 @@ def _validate(lm, layers: Sequence[int] | None, modules: Sequence[str] | None) -
 
 @torch.no_grad()
 def module_scale(
-    lm,
+    lm: LensModel,
     prompts: Sequence[str],
     targets: TargetSet | str | Sequence[str] = "he,she",
     *,
@@ -172,25 +171,43 @@ def module_scale(
     labels = [f"L{i}.{m}" for i, m in pairs]
     views = {p: module_views(lm, *p) for p in pairs}
     tid = ts.first_ids
-    n, L = len(prompts), lm.n_layers
+    n = len(prompts)
     per = torch.empty(n, len(pairs), dtype=torch.float64)
     per_final = torch.empty(n, len(pairs), dtype=torch.float64) if final else None
     pbar = bar(total=batch_count(n, batch_size) * len(pairs), desc="module scan", enabled=progress, unit="ablation")
     for b in iter_batches(lm.tokenizer, prompts, batch_size, device=lm.device):
-        pre = capture_prefix(lm, b)
-        base = lens_probs(lm, torch.stack([_last(h, b.last) for h in pre.hidden]), tid)  # [L+1, batch, t]
-        for k, (i, m) in enumerate(pairs):
-            with zeroed(views[(i, m)]):
-                h = run_block(lm, pre, i, pre.hidden[i])
-                per[b.rows, k] = (lens_probs(lm, _last(h, b.last), tid) - base[i + 1]).abs().sum(-1)
-                if per_final is not None:
-                    for j in range(i + 1, L):
-                        h = run_block(lm, pre, j, h)
-                    per_final[b.rows, k] = (lens_probs(lm, _last(h, b.last), tid) - base[L]).abs().sum(-1)
-            pbar.update(1)
-        del pre
+        _scan_batch(lm, b, pairs, views, tid, per, per_final, pbar)
     pbar.close()
     scores = per.mean(0)
+    return _module_result(lm, labels, scores, per, per_final, layers, modules, ts, final)
+
+
+def _scan_batch(lm, b: Batch, pairs: list[tuple[int, str]], views: dict[tuple[int, str], list[Tensor]], tid: Tensor,
+                per: Float[Tensor, "prompt label"], per_final: Float[Tensor, "prompt label"] | None, pbar) -> None:
+    """One batch of the scan: a cached baseline pass, then every ablation in ``pairs`` from it.
+
+    Writes the block score of ablation ``k`` into ``per[b.rows, k]`` (and the final-output score
+    into ``per_final`` when given); ticks ``pbar`` once per ablation.
+    """
+    L = lm.n_layers
+    pre = capture_prefix(lm, b)
+    base = lens_probs(lm, torch.stack([_last(h, b.last) for h in pre.hidden]), tid)  # [L+1, batch, t]
+    for k, (i, m) in enumerate(pairs):
+        with zeroed(views[(i, m)]):
+            h = run_block(lm, pre, i, pre.hidden[i])
+            per[b.rows, k] = (lens_probs(lm, _last(h, b.last), tid) - base[i + 1]).abs().sum(-1)
+            if per_final is not None:
+                for j in range(i + 1, L):
+                    h = run_block(lm, pre, j, h)
+                per_final[b.rows, k] = (lens_probs(lm, _last(h, b.last), tid) - base[L]).abs().sum(-1)
+        pbar.update(1)
+    del pre
+
+
+def _module_result(lm, labels: list[str], scores: Tensor, per: Tensor, per_final: Tensor | None,
+                   layers: list[int], modules: list[str], ts: TargetSet, final: bool) -> LocateResult:
+    """The scan's :class:`LocateResult` with its ``[layer, module]`` grids in ``extras``."""
+    n = per.shape[0]
     grid = lambda s: s.view(len(layers), len(modules)).tolist()  # noqa: E731
     extras: dict[str, Any] = {
         "layers": layers,

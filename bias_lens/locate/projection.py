@@ -21,6 +21,7 @@ as the reference's ``sort[-10:][::-1]``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -30,8 +31,11 @@ from ..arch import parse_neuron_name
 from .attribution import head_out_weight, norm_parts, value_vectors
 from .value_neurons import check_attn_labels, is_attn_neuron
 
+if TYPE_CHECKING:
+    from ..lens import LensModel
 
-def output_direction(lm, label: str) -> Float[Tensor, " d_model"]:
+
+def output_direction(lm: LensModel, label: str) -> Float[Tensor, " d_model"]:
     """The residual-stream direction a neuron writes (float64)."""
     if is_attn_neuron(label):
         ((l, h, d),) = check_attn_labels(lm, [label])
@@ -46,13 +50,15 @@ def output_direction(lm, label: str) -> Float[Tensor, " d_model"]:
 
 
 @torch.no_grad()
-def projection_logits(lm, labels: Sequence[str]) -> Float[Tensor, "neuron d_vocab"]:
-    fn = norm_parts(lm.final_norm)
+def projection_logits(lm: LensModel, labels: Sequence[str]) -> Float[Tensor, "neuron d_vocab"]:
+    """Logits of each labelled neuron's output direction through the final norm's gain/centring and the unembedding
+    (float64)."""
+    fn = norm_parts(lm.final_norm, lm.arch.norm)
     U = torch.stack([fn.center(output_direction(lm, lab)) for lab in labels]) * fn.weight  # g * C u
     return U @ lm.unembed.weight.detach().double().T
 
 
-def neuron_vocab_projection(lm, labels: Sequence[str], k: int = 10) -> dict[str, dict[str, list[str]]]:
+def neuron_vocab_projection(lm: LensModel, labels: Sequence[str], k: int = 10) -> dict[str, dict[str, list[str]]]:
     """``{label: {"top": [k tokens], "bottom": [k tokens]}}`` of each neuron's unembedding projection."""
     labels = list(labels)
     if not labels:

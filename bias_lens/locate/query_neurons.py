@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -45,12 +46,15 @@ from torch import Tensor
 
 from ..arch import get_submodule, param_ref, parse_neuron_name
 from ..targets import TargetSet
-from .attribution import LastCache, check_pair, collect_last, neuron_attribution, norm_parts, value_vectors
+from .attribution import LastCache, NormParts, check_pair, collect_last, neuron_attribution, norm_parts, value_vectors
 from .value_neurons import attn_pieces, attn_value_attribution, check_attn_labels, piece_increase, value_row
 from .result import LocateResult
 
+if TYPE_CHECKING:
+    from ..lens import LensModel
 
-def input_rows(lm, layer: int, input_dir: str | None = None) -> Float[Tensor, "d_mlp d_model"]:
+
+def input_rows(lm: LensModel, layer: int, input_dir: str | None = None) -> Float[Tensor, "d_mlp d_model"]:
     """The neurons' input rows (HF ``[out, in]``): gate for gated MLPs by default, else up."""
     input_dir = input_dir or ("gate" if lm.arch.gated_mlp else "up")
     if input_dir not in ("gate", "up"):
@@ -60,11 +64,13 @@ def input_rows(lm, layer: int, input_dir: str | None = None) -> Float[Tensor, "d
     return param_ref(lm.hf, f"L{layer}.mlp.{input_dir}").weight_view(lm.hf).detach().double()
 
 
-def ln2(lm, layer: int):
-    return norm_parts(get_submodule(lm.block(layer), lm.arch.ln2))
+def ln2(lm: LensModel, layer: int) -> NormParts:
+    """The pre-MLP norm of layer ``layer`` as :class:`NormParts` (to map neuron input rows to residual read
+    directions)."""
+    return norm_parts(get_submodule(lm.block(layer), lm.arch.ln2), lm.arch.norm)
 
 
-def read_dirs(lm, cache: LastCache, layer: int, idx: Sequence[int], input_dir: str | None = None) -> Tensor:
+def read_dirs(lm: LensModel, cache: LastCache, layer: int, idx: Sequence[int], input_dir: str | None = None) -> Tensor:
     """Per-prompt residual read directions ``C(g2 * w_k) / s2`` of neurons ``idx``: [prompt, k, d_model]."""
     fn = ln2(lm, layer)
     W = fn.read_dir(input_rows(lm, layer, input_dir)[list(idx)])
@@ -80,7 +86,7 @@ def _weights(lm, inc: Tensor, ts: TargetSet, pb, rank: str, target: str) -> Tens
     if rank == "diff":
         return inc[..., 1] - inc[..., 0]
     if target == "predicted":
-        fn = norm_parts(lm.final_norm)
+        fn = norm_parts(lm.final_norm, lm.arch.norm)
         ids = list(ts.first_ids)
         z = fn.apply(pb.final) @ lm.unembed.weight.detach().double()[ids].T  # [batch, 2] pair logits
         b_U = getattr(lm.unembed, "bias", None)
@@ -91,7 +97,7 @@ def _weights(lm, inc: Tensor, ts: TargetSet, pb, rank: str, target: str) -> Tens
 
 @torch.no_grad()
 def query_neurons(
-    lm, prompts: Sequence[str], attn_value_labels: Sequence[str], targets: TargetSet | str = "he,she", *,
+    lm: LensModel, prompts: Sequence[str], attn_value_labels: Sequence[str], targets: TargetSet | str = "he,she", *,
     rank: str = "target", target: str = "predicted", batch_size: int = 16,
 ) -> LocateResult:
     """FFN query neurons of the given attention value neurons (labels ``L{l}N{n}``), as the reference."""
@@ -130,7 +136,7 @@ def query_neurons(
 
 
 def paper_candidates(
-    lm, prompts: Sequence[str], targets: TargetSet | str = "he,she", *, k: int = 50, query_rank: str = "target",
+    lm: LensModel, prompts: Sequence[str], targets: TargetSet | str = "he,she", *, k: int = 50, query_rank: str = "target",
     target: str = "predicted", batch_size: int = 16, cache: LastCache | None = None,
 ) -> LocateResult:
     """The paper's candidate set: top-k FFN value + top-k attention value + top-k FFN query neurons.
@@ -156,7 +162,7 @@ def paper_candidates(
 
 
 def gate_query_neurons(
-    lm, cache: LastCache, value_labels: Sequence[str], *, input_dir: str | None = None,
+    lm: LensModel, cache: LastCache, value_labels: Sequence[str], *, input_dir: str | None = None,
 ) -> LocateResult:
     """Named variant (the project's earlier reading): rank every FFN neuron below the deepest FFN value
     neuron by its drive of those neurons' gate/up rows at the last position (see the variant note above)."""

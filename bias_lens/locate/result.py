@@ -10,12 +10,38 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: File name of the result inside a folder written by :meth:`LocateResult.save_dir`.
+RESULT_FILE = "result.json"
+
+
+def check_out_dir(out: str | Path, force: bool = False, *, force_hint: str = "force=True") -> Path:
+    """``out`` as a Path if a result folder may be written there, else ValueError saying why.
+
+    Allowed: a missing folder whose parent exists, an empty folder, or (``force``) a non-empty
+    folder, which :meth:`LocateResult.save_dir` then replaces as a whole. ``force_hint`` names the
+    switch in the error (the CLI passes ``"--force"``). Checks only; writes nothing.
+    """
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; choose a folder path")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise ValueError(f"{out} exists and is not empty; choose another folder or pass {force_hint}")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise ValueError(f"parent folder {parent} does not exist; create it first")
+    return path
 
 
 def _jsonable(v: Any) -> Any:
@@ -74,9 +100,11 @@ class LocateResult:
         return [(self.labels[i], float(self.scores[i])) for i in self.order()[:k]]
 
     def top_labels(self, k: int) -> list[str]:
+        """The ``k`` most important labels, most important first."""
         return [label for label, _ in self.top(k)]
 
     def score_of(self, label: str) -> float:
+        """The score of ``label`` (ValueError if it is not in the result)."""
         return float(self.scores[self.labels.index(label)])
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,7 +120,7 @@ class LocateResult:
         out.update({k: _jsonable(v) for k, v in self.extras.items()})
         return out
 
-    def to_frame(self):
+    def to_frame(self) -> pd.DataFrame:
         """A pandas DataFrame with ``label`` and ``score`` columns, most important first."""
         import pandas as pd
 
@@ -101,18 +129,40 @@ class LocateResult:
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON atomically (per-prompt matrix included when present)."""
-        path = Path(path)
+        from ..io import atomic_write_text
+
         data = self.to_dict()
         if self.per_prompt is not None:
             data["per_prompt"] = _jsonable(self.per_prompt)
         data["ascending"] = self.ascending
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
-        return path
+        return atomic_write_text(Path(path), json.dumps(data))
+
+    def save_dir(self, out: str | Path, *, force: bool = False,
+                 extra: Callable[[Path], list[Path]] | None = None) -> list[Path]:
+        """Write the folder ``out``: ``result.json`` (:meth:`save`) plus the files ``extra(folder)``
+        writes into the folder it is given (e.g. figures); returns the paths under ``out``.
+
+        ``out`` must be new or empty unless ``force`` (:func:`check_out_dir`). Everything is built in
+        a temporary sibling and moved onto ``out`` with :func:`bias_lens.io.replace_dir`, so ``out``
+        never mixes an earlier run's files with this one's and an error leaves it untouched.
+        """
+        from ..io import make_temp_dir, replace_dir
+
+        out = check_out_dir(out, force)
+        tmp = make_temp_dir(out.absolute().parent, f".{out.name}.tmp")
+        try:
+            written = [self.save(tmp / RESULT_FILE)]
+            if extra is not None:
+                written += extra(tmp)
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return [out / p.relative_to(tmp) for p in written]
 
     @classmethod
     def load(cls, path: str | Path) -> "LocateResult":
+        """Read a result written by :meth:`save` (unknown keys go to ``extras``)."""
         data = json.loads(Path(path).read_text())
         known = {"method", "model", "n_samples", "variant", "labels", "scores", "per_prompt", "ascending"}
         extras = {k: v for k, v in data.items() if k not in known}

@@ -25,16 +25,18 @@ log-softmax, bounded memory).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ..arch import get_submodule, param_ref
+from ..hooks import module_hooks
+from ..labels import ValueNeuronLabel, is_value_neuron, parse_as
 from ..scoring import Batch, check_prompts, iter_batches
 from ..targets import TargetSet
 from .attribution import (
@@ -42,33 +44,35 @@ from .attribution import (
 )
 from .result import LocateResult
 
-_ATTN_RE = re.compile(r"^L(\d+)H(\d+)V(\d+)$")
+if TYPE_CHECKING:
+    from ..lens import LensModel
 
 
 def parse_attn_neuron(label: str) -> tuple[int, int, int]:
-    """``"L12H3V7"`` -> ``(12, 3, 7)``."""
-    m = _ATTN_RE.match(label)
-    if not m:
-        raise ValueError(f"{label!r} is not an attention value neuron; use L{{layer}}H{{head}}V{{dim}}, e.g. L12H3V7")
-    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+    """``"L12H3V7"`` -> ``(12, 3, 7)`` (grammar in :mod:`bias_lens.labels`)."""
+    lab = parse_as(label, ValueNeuronLabel)
+    return lab.layer, lab.head, lab.dim
 
 
 def is_attn_neuron(label: str) -> bool:
-    return bool(_ATTN_RE.match(label))
+    """True for an attention value neuron label ``L{l}H{h}V{d}``."""
+    return is_value_neuron(label)
 
 
-def n_kv_heads(lm) -> int:
+def n_kv_heads(lm: LensModel) -> int:
+    """Number of key/value heads (grouped-query attention), else ``n_heads``."""
     attr = lm.arch.n_kv_heads_attr
     n = getattr(lm.hf.config, attr, None) if attr else None
     return int(n) if n else lm.n_heads
 
 
-def kv_head(lm, h: int) -> int:
+def kv_head(lm: LensModel, h: int) -> int:
     """The grouped KV head a query head reads (HF ``repeat_kv``)."""
     return h // (lm.n_heads // n_kv_heads(lm))
 
 
-def check_attn_labels(lm, labels: Sequence[str]) -> list[tuple[int, int, int]]:
+def check_attn_labels(lm: LensModel, labels: Sequence[str]) -> list[tuple[int, int, int]]:
+    """``(layer, head, dim)`` of each value-neuron label; ValueError naming the first out of range."""
     out = []
     for lab in labels:
         l, h, d = parse_attn_neuron(lab)
@@ -78,29 +82,30 @@ def check_attn_labels(lm, labels: Sequence[str]) -> list[tuple[int, int, int]]:
     return out
 
 
-def value_weight(lm, layer: int) -> tuple[Float[Tensor, "d_kv d_model"], Tensor | None]:
+def value_weight(lm: LensModel, layer: int) -> tuple[Float[Tensor, "d_kv d_model"], Tensor | None]:
+    """W_V of layer ``layer`` (``[d_kv, d_model]``, float64) and its bias (or None)."""
     ref = param_ref(lm.hf, f"L{layer}.attn.v")
     b = ref.bias_view(lm.hf)
     return ref.weight_view(lm.hf).detach().double(), (None if b is None else b.detach().double())
 
 
-def value_row(lm, l: int, h: int, d: int) -> Float[Tensor, " d_model"]:
+def value_row(lm: LensModel, l: int, h: int, d: int) -> Float[Tensor, " d_model"]:
     """The reference's value-neuron "key": W_V row of (kv(h), d) read through ln1's weight (and centring)."""
     W, _ = value_weight(lm, l)
-    fn = norm_parts(get_submodule(lm.block(l), lm.arch.ln1))
+    fn = norm_parts(get_submodule(lm.block(l), lm.arch.ln1), lm.arch.norm)
     return fn.read_dir(W[kv_head(lm, h) * lm.d_head + d])
 
 
 # --------------------------------------------------------------------------- last-position scores
-def attn_value_scores(lm, cache: LastCache, ts: TargetSet, layer: int) -> Float[Tensor, "prompt neuron"]:
+def attn_value_scores(lm: LensModel, cache: LastCache, ts: TargetSet, layer: int) -> Float[Tensor, "prompt neuron"]:
     """Signed cached-norm bias score of every value neuron of ``layer`` (index ``h * d_head + d``)."""
-    fn = norm_parts(lm.final_norm)
+    fn = norm_parts(lm.final_norm, lm.arch.norm)
     r = fn.read_dir(logit_diff_dir(lm, ts))
     return cache.attn_z[layer] * (r @ head_out_weight(lm, layer))[None] / fn.scale(cache.final)
 
 
 def attn_value_attribution(
-    lm, prompts: Sequence[str], targets: TargetSet | str = "he,she", *, rank: str = "abs",
+    lm: LensModel, prompts: Sequence[str], targets: TargetSet | str = "he,she", *, rank: str = "abs",
     batch_size: int = 32, cache: LastCache | None = None,
 ) -> LocateResult:
     """Bias score (t1 - t0 log-prob increase, cached norm) of every attention value neuron ``L{l}H{h}V{d}``.
@@ -125,7 +130,7 @@ def attn_value_attribution(
 
 # --------------------------------------------------------------------------- per-position pieces
 @contextmanager
-def eager_attention(lm):
+def eager_attention(lm: LensModel) -> Iterator[None]:
     """Temporarily switch the HF model to eager attention (the only one that returns probabilities)."""
     prev = lm.hf.config._attn_implementation
     if prev != "eager":
@@ -148,7 +153,7 @@ class PieceBatch:
     mlp_post: dict[int, Float[Tensor, "batch pos d_mlp"]]
     final: Float[Tensor, "batch d_model"]  # final residual at the last real position
 
-    def pieces(self, lm, units: Sequence[tuple[int, int, int]]) -> Float[Tensor, "batch unit pos"]:
+    def pieces(self, lm: LensModel, units: Sequence[tuple[int, int, int]]) -> Float[Tensor, "batch unit pos"]:
         """``a[h, last, pos] * v[pos, kv(h) d_head + d]`` for each unit (0 on padding)."""
         cols = [self.probs[l][:, h] * self.values[l][:, :, kv_head(lm, h) * lm.d_head + d] for l, h, d in units]
         return torch.stack(cols, 1)
@@ -156,7 +161,7 @@ class PieceBatch:
 
 @torch.no_grad()
 def attn_pieces(
-    lm, prompts: Sequence[str], layers: Sequence[int], *, mlp_layers: Sequence[int] = (), batch_size: int = 16,
+    lm: LensModel, prompts: Sequence[str], layers: Sequence[int], *, mlp_layers: Sequence[int] = (), batch_size: int = 16,
 ) -> Iterator[PieceBatch]:
     """Batches of last-query attention probabilities, value states, full ``resid_pre`` of ``layers``
     and full ``mlp.post`` of ``mlp_layers`` (one eager forward pass per batch)."""
@@ -171,18 +176,14 @@ def attn_pieces(
                 """keep the full activation"""
                 acts[hook.name] = t.detach().double().cpu()
 
-            def keep_probs(module, args, out, l=None) -> None:
+            def keep_probs(module, args, kwargs, out, l=None) -> None:
                 acts[f"probs{l}"] = out[1].detach().double().cpu()
 
             points = [f"L{l}.resid_pre" for l in layers] + [f"L{l}.mlp.post" for l in mlp_layers] + [f"L{L - 1}.resid_post"]
-            handles = [get_submodule(lm.block(l), lm.arch.attn).register_forward_hook(
-                lambda m, a, o, l=l: keep_probs(m, a, o, l)) for l in layers]
-            try:
-                with lm.hooks([(p, keep) for p in points]):
-                    base_model(lm)(**b.model_inputs())
-            finally:
-                for hd in handles:
-                    hd.remove()
+            probs_hooks = [(get_submodule(lm.block(l), lm.arch.attn), lambda m, a, kw, o, l=l: keep_probs(m, a, kw, o, l))
+                           for l in layers]
+            with module_hooks(forward=probs_hooks), lm.hooks([(p, keep) for p in points]):
+                base_model(lm)(**b.model_inputs())
             last = b.last.cpu()
             rows = torch.arange(len(last))
             probs, values = {}, {}
@@ -192,7 +193,7 @@ def attn_pieces(
                     raise RuntimeError(f"layer {l}'s attention returned no probabilities under eager attention")
                 probs[l] = p[rows, :, last]  # [batch, head, pos]
                 W, bv = value_weight(lm, l)
-                fn = norm_parts(get_submodule(lm.block(l), lm.arch.ln1))
+                fn = norm_parts(get_submodule(lm.block(l), lm.arch.ln1), lm.arch.norm)
                 v = fn.apply(acts[f"L{l}.resid_pre"]) @ W.T
                 values[l] = v + bv if bv is not None else v
             yield PieceBatch(
@@ -202,11 +203,11 @@ def attn_pieces(
 
 
 def piece_increase(
-    lm, pb: PieceBatch, units: Sequence[tuple[int, int, int]], target_ids: Sequence[int], *, max_elems: int = 2**25,
+    lm: LensModel, pb: PieceBatch, units: Sequence[tuple[int, int, int]], target_ids: Sequence[int], *, max_elems: int = 2**25,
 ) -> Float[Tensor, "batch unit pos target"]:
     """The reference's ``log p(t | x + piece) - log p(t | x)`` for every unit, source position and
     target id; x = layer input at the last position plus the o_proj bias (cached final-norm scale)."""
-    fn = norm_parts(lm.final_norm)
+    fn = norm_parts(lm.final_norm, lm.arch.norm)
     W_U = lm.unembed.weight.detach().double()
     b_U = getattr(lm.unembed, "bias", None)
     s_f = fn.scale(pb.final)  # [batch, 1]

@@ -5,7 +5,10 @@
 an interrupted run resumes, and writes the output folder atomically.
 """
 
-from .config import RunConfig, EditRow
+from __future__ import annotations
+
+from .config import RunConfig
+from .plan import EditPlan, Where
 from .runner import run_pipeline
 
-__all__ = ["RunConfig", "EditRow", "run_pipeline"]
+__all__ = ["RunConfig", "EditPlan", "Where", "run_pipeline"]

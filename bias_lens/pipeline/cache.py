@@ -11,9 +11,12 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..io import atomic_write_text
+
+if TYPE_CHECKING:
+    from ..locate.result import LocateResult
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class StageCache:
         return self.dir / (name.replace("/", "_").replace(" ", "_") + ext)
 
     def get_json(self, name: str) -> Any | None:
+        """The cached JSON value ``name``, or None when caching is off, it is missing or damaged."""
         p = self._p(name)
         if not self.enabled or not p.exists():
             return None
@@ -41,23 +45,28 @@ class StageCache:
             return None
 
     def put_json(self, name: str, value: Any) -> Any:
+        """Cache ``value`` under ``name`` (atomic write; nothing when disabled) and return it."""
         if self.enabled:
             atomic_write_text(self._p(name), json.dumps(value, default=str))
         return value
 
-    def get_result(self, name: str):
+    def get_result(self, name: str) -> LocateResult | None:
+        """The cached locate result ``name``, or None when caching is off or it is missing."""
         from ..locate.result import LocateResult
 
         p = self._p(name, ".locate.json")
         return LocateResult.load(p) if self.enabled and p.exists() else None
 
-    def put_result(self, name: str, result):
+    def put_result(self, name: str, result: LocateResult) -> LocateResult:
+        """Cache the locate result under ``name`` (nothing when disabled) and return it."""
         if self.enabled:
             result.save(self._p(name, ".locate.json"))
         return result
 
     def patch_dir(self, name: str) -> Path:
+        """The cache folder of the patch of row ``name``."""
         return self._p(name, ".patch")
 
     def clear(self) -> None:
+        """Delete the whole cache folder (missing is fine)."""
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -14,59 +14,57 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..edit.methods import Contrastive, Dama, Finetune, FullFinetune, HintAnchor, Masking, Prompt
+from .plan import EditPlan, Where, finetune_plan
+
 #: bump when a stage's output format or meaning changes (invalidates every cached run)
-PIPELINE_VERSION = 2  # 2: official StereoSet labels, DAMA split, mass/renorm, neutral retention, MMLU/arith
+PIPELINE_VERSION = 3  # 3: one edit driver (EditPlan rows, EditRecord JSON), equalising export rule, causal retention corpus
 
 
-@dataclass(frozen=True)
-class EditRow:
-    """One row of the report's table: an editing ``method`` at a locate ``scale`` (see EditPlan)."""
-
-    name: str
-    method: str
-    scale: str | None = None
-    k: int | None = None
-    loss: str | None = None
-    #: msme/lftf only: UB anchor on GenHintEval train prompts (docs/edit_hint.md) and its settings
-    hint_anchor: bool = False
-    hint_loss: str = "ub_drop"
-    lr: float | None = None
-    epochs: int | None = None
-    eval_every: int | None = None  # dev/retention check every N steps (None: once per epoch)
-    patience: int | None = None  # None: RunConfig.patience
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+#: the main job's early stopping for every fine-tuned row (dev checks without improvement, dev prompts)
+FULL_TRAINING: dict[str, Any] = {"patience": 8, "dev_limit": 64}
+#: the quick preset: capped fine-tuning
+QUICK_TRAINING: dict[str, Any] = {"patience": 2, "dev_limit": 32, "max_steps": 4}
 
 
-FULL_ROWS = (
-    # FPFT: with a check once per epoch (4 Adam steps at lr 1e-5) perplexity was already past the +5%
-    # guard and the edit rolled back to nothing (docs/edit.md), so it is checked every 2 steps as in the sweep
-    EditRow("FPFT", "fpft", lr=1e-5, epochs=1, eval_every=2),
-    EditRow("PB", "prompt"),
-    EditRow("layer (MSME)", "msme", "layer"),
-    EditRow("layer (LFTF)", "lftf", "layer"),
-    EditRow("module (MSME)", "msme", "module"),
-    EditRow("module (LFTF)", "lftf", "module"),
-    EditRow("row (MSME)", "msme", "row"),
-    EditRow("row (LFTF)", "lftf", "row"),
-    EditRow("neuron (MSME)", "msme", "neuron"),
-    EditRow("neuron (LFTF)", "lftf", "neuron"),
-    # the UB-anchored settings measured best in docs/edit_hint.md (issue 5's UB criterion)
-    EditRow("module (gap + UB anchor)", "msme", "module", loss="gap", hint_anchor=True, hint_loss="ub_drop",
-            lr=2e-4, epochs=3, eval_every=1),
-    EditRow("neuron (MSME + UB anchor)", "msme", "neuron", hint_anchor=True, hint_loss="hinted_drop", epochs=3,
-            eval_every=1),
-    EditRow("attribution masking", "mask", "attribution"),
-    EditRow("contrastive", "contrastive", "module"),
-)
+#: the DAMA row: the reference's mixed update on 96 seeded DAMA-train prompts, 10 steps (its per-layer
+#: iterative default did not fit 2 CPU cores; docs/dama.md), null_dim / layers at the Dama defaults (18 of 576, 10 layers)
+DAMA_ROW: dict[str, Any] = {"update": "mixed", "max_requests": 96, "steps": 10}
 
-QUICK_ROWS = (
-    EditRow("PB", "prompt"),
-    EditRow("module (MSME)", "msme", "module"),
-    EditRow("neuron (LFTF)", "lftf", "neuron"),
-    EditRow("attribution masking", "mask", "attribution"),
-)
+
+def full_rows(t: dict[str, Any] = FULL_TRAINING) -> tuple[EditPlan, ...]:
+    """The report's rows (the papers' table layout) with training settings ``t``."""
+    return (
+        # FPFT: with a check once per epoch (4 Adam steps at lr 1e-5) perplexity was already past the +5%
+        # guard and the edit rolled back to nothing (docs/edit.md), so it is checked every 2 steps as in the sweep
+        EditPlan(FullFinetune(lr=1e-5, epochs=1, eval_every=2, **t), name="FPFT"),
+        EditPlan(Prompt(), name="PB"),
+        *(finetune_plan(paper, scale, f"{scale} ({paper.upper()})", **t)
+          for scale in ("layer", "module", "row", "neuron") for paper in ("msme", "lftf")),
+        # the UB-anchored settings measured best in docs/edit_hint.md (issue 5's UB criterion)
+        EditPlan(Finetune(loss="gap", hint=HintAnchor(loss="ub_drop"), lr=2e-4, epochs=3, eval_every=1, **t),
+                 Where("module"), name="module (gap + UB anchor)"),
+        EditPlan(Finetune(hint=HintAnchor(loss="hinted_drop"), epochs=3, eval_every=1, **t), Where("neuron"),
+                 name="neuron (MSME + UB anchor)"),
+        EditPlan(Masking(), Where("attribution"), name="attribution masking"),
+        EditPlan(Contrastive(reference=Finetune(loss="msme_align", **t)), Where("module"), name="contrastive"),
+        # issue 14, equalising: MSME's renormalised reading KL(f || q) + the mass-keeping term, early stopping on
+        # dev AFGB-r with the mass guard (dev, module: AFGB-r 0.246 -> 0.231 in 12 steps, mass kept; docs/edit.md)
+        *(EditPlan(Finetune(loss="msme_align", mass_weight=1.0, dev_metric="afgb_renorm", mass_floor=0.9, epochs=4,
+                            eval_every=1, **t), Where(scale), name=f"{scale} (equalise)") for scale in ("module", "neuron")),
+        EditPlan(Dama(**DAMA_ROW), name="DAMA"),
+    )
+
+
+def quick_rows(t: dict[str, Any] = QUICK_TRAINING) -> tuple[EditPlan, ...]:
+    """The quick preset's four rows."""
+    return (EditPlan(Prompt(), name="PB"), finetune_plan("msme", "module", "module (MSME)", **t),
+            finetune_plan("lftf", "neuron", "neuron (LFTF)", **t),
+            EditPlan(Masking(), Where("attribution"), name="attribution masking"))
+
+
+FULL_ROWS = full_rows()
+QUICK_ROWS = quick_rows()
 
 #: suites evaluated before editing (test splits); ``None`` = all samples
 FULL_EVAL = {"genbiaspro-cg": 256, "genbiaseval": None, "genhinteval": None, "dama": None, "stereoset": None,
@@ -92,17 +90,15 @@ class RunConfig:
     #: (sized so the full run stays under 30 minutes on 2 CPU cores: each of the 14 rows is measured)
     row_limits: dict[str, int | None] = field(default_factory=lambda: {
         "genbiaseval": 256, "genhinteval": 128, "genbiaspro-cg": 32, "stereoset": 96, "crows-pairs": 96,
-        "retention": 80, "mmlu": 1, "arithmetic": 150})
-    rows: tuple[EditRow, ...] = FULL_ROWS
-    n_train: int = 128
-    patience: int = 8  # early stopping: dev checks without improvement before stopping
-    dev_limit: int = 64  # GenBiasEval dev prompts of each early-stopping check
+        "retention": 80, "mmlu": 1, "arithmetic": 150, "dama": None})
+    rows: tuple[EditPlan, ...] = FULL_ROWS  # training settings: FULL_TRAINING / QUICK_TRAINING
+    n_train: int = 128  # train samples of every row (its plan's n_samples; seed: ``seed``)
     #: module/row/neuron edits target the top module of these kinds. Default: the FFN output matrix.
     #: The scan's overall top single-matrix module on SmolLM2 is L26.attn.v (tied with o and the whole
     #: attention); the papers' losses on it barely moved AFGB in 8 steps (-2%, docs/edit.md), so the
     #: run edits the top FFN down projection (L29); pass WEIGHT_MODULES to rank every matrix.
     edit_module_kinds: tuple[str, ...] = ("mlp.down",)
-    max_steps: int | None = None
+    max_steps: int | None = None  # a cap on every row's fine-tuning steps (None: the rows' own)
     #: module scale: also score the final-output effect (replays blocks i..L-1 per ablation, ~5x the
     #: block-output scan: 12 of the full run's minutes on 2 cores; `bias-lens locate module` scores it)
     module_final: bool = False
@@ -123,22 +119,32 @@ class RunConfig:
 
     @classmethod
     def full(cls, **kw: Any) -> "RunConfig":
+        """The full run configuration (defaults, overridden by ``kw``)."""
         return cls(**kw)
 
     @classmethod
     def quick_preset(cls, **kw: Any) -> "RunConfig":
-        base = dict(quick=True, n_locate=32, eval_limits=dict(QUICK_EVAL), rows=QUICK_ROWS, n_train=64, max_steps=4,
+        """The few-minute ``--quick`` configuration (fewer samples, rows and checks), overridden by ``kw``."""
+        base = dict(quick=True, n_locate=32, eval_limits=dict(QUICK_EVAL), rows=QUICK_ROWS, n_train=64,
                     module_final=False, bmi_robustness=False, causal_k=8, causal_candidates=12, n_causal_dev=32,
-                    circuit_depth=1, dev_limit=32, patience=2,
+                    circuit_depth=1,
                     row_limits={"genbiaseval": 64, "genhinteval": 48, "genbiaspro-cg": 16, "stereoset": 32,
                                 "crows-pairs": 32, "retention": 40, "arithmetic": 60})
         base.update(kw)
         return cls(**base)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every option as a JSON-ready dict (rows as plan dicts), recorded in the run's metadata."""
         d = asdict(self)
         d["rows"] = [r.to_dict() for r in self.rows]
         return d
+
+    def plan(self, row: EditPlan) -> EditPlan:
+        """``row`` as this run trains it: ``n_train`` seeded samples of ``suite`` (and the ``max_steps`` cap)."""
+        from dataclasses import replace
+
+        plan = replace(row, suite=self.suite, n_samples=self.n_train, seed=self.seed)
+        return plan.training(max_steps=self.max_steps) if self.max_steps is not None else plan
 
     def key(self, model_fingerprint: str) -> str:
         """Cache key: sha256 of (pipeline version, package version, model fingerprint, config)."""

@@ -1,60 +1,49 @@
-"""Figures of the main job: which plot function draws each result, and writing them all.
+"""Figures of the main job: which figure is drawn from which result, and where they are written.
 
-The figure builders live in :mod:`bias_lens.plot` (edit-stage ones in :mod:`bias_lens.plot.edits`);
-this module only picks and writes them (plot modules are imported lazily).
+The builders live in :mod:`bias_lens.plot.run` (locate-stage figures) and :mod:`bias_lens.plot.edits`
+(edit-stage ones); this module only picks them and says where they go. Nothing here imports
+plotly: the plot modules are imported lazily, when a figure is asked for.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+# figures are plotly Figures typed ``Any``: pipeline/ never imports plotly, not even for type checking
+
+#: (figure name, result it is drawn from, builder in :mod:`bias_lens.plot.run`), in report order;
+#: a figure is drawn only when the run has its result.
+LOCATE_FIGURES: tuple[tuple[str, str, str], ...] = (
+    ("layer_prompt_heatmap", "layer", "layer_prompt_heatmap"),
+    ("layer_argmax_histogram", "layer", "layer_argmax_histogram"),
+    ("layer_scores", "layer", "layer_scores"),
+    ("layer_scores_genbiaspro_cg", "layer_cg", "layer_scores_genbiaspro_cg"),
+    ("bmi", "bmi", "bmi"),
+    ("module_heatmap", "module", "module_heatmap"),
+    ("row_cosines", "row", "row_cosines"),
+    ("neuron_entries", "neuron", "neuron_entries"),
+    ("neuron_attribution", "attribution", "neuron_attribution"),
+    ("head_attribution", "heads", "head_attribution"),
+    ("circuit", "circuit", "circuit"),
+)
 
 
 def locate_figures(results: dict[str, Any]) -> list[tuple[str, Any]]:
-    """``(name, figure)`` for every locate result present."""
-    from ..plot import attribution as pa
-    from ..plot import circuit as pc
-    from ..plot import gradients as pg
-    from ..plot import locate as pl
+    """``(name, figure)`` for every locate result present (:data:`LOCATE_FIGURES`)."""
+    from ..plot import run as pr
 
-    figs: list[tuple[str, Any]] = []
-    add = figs.append
-    if "layer" in results:
-        add(("layer_prompt_heatmap", pl.layer_prompt_heatmap(results["layer"])))
-        add(("layer_argmax_histogram", pl.argmax_histogram(results["layer"])))
-        add(("layer_scores", pl.layer_figure(results["layer"])))
-    if "layer_cg" in results:
-        add(("layer_scores_genbiaspro_cg", pl.layer_figure(results["layer_cg"], title="Layer score (MSME Eq. 2) on GenBiasPro-CG")))
-    if "bmi" in results:
-        add(("bmi", pl.bmi_figure(results["bmi"], results.get("bmi_robustness"))))
-    if "module" in results:
-        add(("module_heatmap", pl.module_heatmap(results["module"])))
-    if "row" in results:
-        add(("row_cosines", pg.row_cosine_histogram(results["row"])))
-    if "neuron" in results:
-        add(("neuron_entries", pg.entry_heatmap(results["neuron"])))
-    if "attribution" in results:
-        add(("neuron_attribution", pa.neuron_heatmap(results["attribution"])))
-    if "heads" in results:
-        add(("head_attribution", pa.head_heatmap(results["heads"])))
-    if "circuit" in results:
-        from ..locate.circuit import CircuitGraph
-
-        add(("circuit", pc.circuit_figure(CircuitGraph(**results["circuit"]))))
-    return figs
+    return [(name, getattr(pr, builder)(results)) for name, key, builder in LOCATE_FIGURES if key in results]
 
 
-def profession_bars(before: list[dict], after: list[dict], label: str, k: int = 20):
+def profession_bars(before: list[dict], after: list[dict], label: str, k: int = 20) -> Any:
     """Per-profession gap and pronoun mass before vs after (:func:`bias_lens.plot.edits.profession_before_after`)."""
     from ..plot.edits import profession_before_after
 
     return profession_before_after(before, after, label, k)
 
 
-def table_figure(org: dict[str, float], rows: list[dict[str, Any]]):
+def table_figure(org: dict[str, float], rows: list[dict[str, Any]]) -> Any:
     """Bias vs retention of every edit row (:func:`bias_lens.plot.edits.edits_tradeoff`)."""
     from ..plot.edits import edits_tradeoff
 
@@ -62,21 +51,8 @@ def table_figure(org: dict[str, float], rows: list[dict[str, Any]]):
 
 
 def write_all(figs: list[tuple[str, Any]], folder: Path, png: bool = True) -> dict[str, list[str]]:
-    """HTML (sharing one ``plotly.min.js`` in ``folder``) and PNG (when a Chromium renders) per figure."""
-    from ..io import atomic_write_bytes
-    from ..plot.io import _png_bytes, chromium_path
+    """Write every figure into ``folder`` (:func:`bias_lens.plot.run.write_figures`: HTML sharing one
+    ``plotly.min.js``, PNG when a Chromium renders); ``name -> file names written``."""
+    from ..plot.run import write_figures
 
-    folder.mkdir(parents=True, exist_ok=True)
-    can_png = png and chromium_path() is not None
-    if png and not can_png:
-        log.info("no Chromium found: figures written as HTML only")
-    written: dict[str, list[str]] = {}
-    for name, fig in figs:
-        fig.write_html(folder / f"{name}.html", include_plotlyjs="directory", full_html=True)
-        written[name] = [f"{name}.html"]
-        if can_png:
-            data = _png_bytes(fig)
-            if data is not None:
-                atomic_write_bytes(folder / f"{name}.png", data)
-                written[name].append(f"{name}.png")
-    return written
+    return write_figures(figs, folder, png=png)

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..labels import ModuleLabel, try_parse
 from ..locate.result import LocateResult
+
+if TYPE_CHECKING:
+    from ..lens import LensModel
+    from .cache import StageCache
+    from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,8 @@ def restrict_modules(module_result: LocateResult, kinds: tuple[str, ...]) -> Loc
     bad = [k for k in kinds if k not in WEIGHT_MODULES]
     if bad:
         raise ValueError(f"unknown module kinds {bad}; choose from {', '.join(WEIGHT_MODULES)}")
-    idx = [i for i, lab in enumerate(module_result.labels) if lab.split(".", 1)[1] in kinds]
+    idx = [i for i, lab in enumerate(module_result.labels)
+           if isinstance(m := try_parse(lab), ModuleLabel) and m.kind in kinds]
     if not idx:
         raise ValueError(f"the module scan scored no module of kinds {', '.join(kinds)}")
     return LocateResult(
@@ -44,17 +51,9 @@ def restrict_modules(module_result: LocateResult, kinds: tuple[str, ...]) -> Loc
     )
 
 
-def locate_all(lm, cfg, prompts: list[str], dev_prompts: list[str], cache, step: Callable[[str], None],
+def locate_all(lm: LensModel, cfg: RunConfig, prompts: list[str], dev_prompts: list[str], cache: StageCache, step: Callable[[str], None],
                cg_prompts: list[str] | None = None) -> dict[str, Any]:
     """Every locate result (cached per method); ``step(name)`` advances the progress bar."""
-    from ..locate.attribution import collect_last, head_attribution, neuron_attribution
-    from ..locate.causal import causal_selection
-    from ..locate.circuit import trace_circuit
-    from ..locate.general_neurons import detect_general, filter_general, position_stats
-    from ..locate.gradients import neuron_scale, row_scale
-    from ..locate.layers import bmi_robustness, layer_scale_and_bmi
-    from ..locate.modules import module_scale
-
     out: dict[str, Any] = {}
 
     def cached(name: str, fn: Callable[[], LocateResult]) -> LocateResult:
@@ -65,31 +64,63 @@ def locate_all(lm, cfg, prompts: list[str], dev_prompts: list[str], cache, step:
         step(name)
         return res
 
-    bs = cfg.batch_size
-    if cache.get_result("layer") is None or cache.get_result("bmi") is None:
-        lay, bm = layer_scale_and_bmi(lm, prompts, batch_size=bs)
-        cache.put_result("layer", lay)
-        cache.put_result("bmi", bm)
+    _locate_layers(lm, cfg, prompts, cache, cached, cg_prompts)
+    _locate_module(lm, cfg, prompts, cached, out)
+    _locate_neurons(lm, cfg, prompts, dev_prompts, cache, cached, step, out)
+    return out
+
+
+def _layer_pass(lm, prompts: list[str], cache, names: tuple[str, str], batch_size: int) -> None:
+    """One residual pass for the layer score and BMI, unless both are cached under ``names``."""
+    from ..locate.layers import layer_scale_and_bmi
+
+    if any(cache.get_result(n) is None for n in names):
+        lay, bm = layer_scale_and_bmi(lm, prompts, batch_size=batch_size)
+        cache.put_result(names[0], lay)
+        cache.put_result(names[1], bm)
+
+
+def _locate_layers(lm, cfg, prompts: list[str], cache, cached, cg_prompts: list[str] | None) -> None:
+    """Layer score and BMI (on ``prompts`` and on ``cg_prompts``), then the BMI robustness check."""
+    _layer_pass(lm, prompts, cache, ("layer", "bmi"), cfg.batch_size)
     cached("layer", lambda: cache.get_result("layer"))
     cached("bmi", lambda: cache.get_result("bmi"))
     if cg_prompts:
-        if cache.get_result("layer_cg") is None or cache.get_result("bmi_cg") is None:
-            lay, bm = layer_scale_and_bmi(lm, cg_prompts, batch_size=8)
-            cache.put_result("layer_cg", lay)
-            cache.put_result("bmi_cg", bm)
+        _layer_pass(lm, cg_prompts, cache, ("layer_cg", "bmi_cg"), 8)
         cached("layer_cg", lambda: cache.get_result("layer_cg"))
         cached("bmi_cg", lambda: cache.get_result("bmi_cg"))
     if cfg.bmi_robustness:
         from ..benchmarks import load_split
+        from ..locate.layers import bmi_robustness
 
         pool = [s["prompt"] for s in load_split(cfg.suite, "train")]
-        cached("bmi_robustness", lambda: bmi_robustness(lm, pool, n=100, batch_size=bs))
+        cached("bmi_robustness", lambda: bmi_robustness(lm, pool, n=100, batch_size=cfg.batch_size))
+
+
+def _locate_module(lm, cfg, prompts: list[str], cached, out: dict[str, Any]) -> str:
+    """Module scan, its restriction to the edited kinds, and row/entry scores of the top module (returned)."""
+    from ..locate.gradients import neuron_scale, row_scale
+    from ..locate.modules import module_scale
+
+    bs = cfg.batch_size
     mod = cached("module", lambda: module_scale(lm, prompts, batch_size=bs, final=cfg.module_final))
     out["module_edit"] = restrict_modules(mod, tuple(cfg.edit_module_kinds))
     target = out["module_edit"].top_labels(1)[0]
     rows = cached("row", lambda: row_scale(lm, prompts, target, batch_size=bs))
     cached("row_ascending", lambda: row_scale(lm, prompts, target, order="ascending", batch_size=bs))
     cached("neuron", lambda: neuron_scale(lm, prompts, target, rows=rows, batch_size=bs))
+    return target
+
+
+def _locate_neurons(lm, cfg, prompts: list[str], dev_prompts: list[str], cache, cached,
+                    step: Callable[[str], None], out: dict[str, Any]) -> None:
+    """Attribution (one cached last-position pass, computed only if needed), general neurons, causal, circuit."""
+    from ..locate.attribution import collect_last, head_attribution, neuron_attribution
+    from ..locate.causal import causal_selection
+    from ..locate.circuit import trace_circuit
+    from ..locate.general_neurons import detect_general, filter_general, position_stats
+
+    bs = cfg.batch_size
     last = None
 
     def get_last():
@@ -118,4 +149,3 @@ def locate_all(lm, cfg, prompts: list[str], dev_prompts: list[str], cache, step:
                                                         depth=cfg.circuit_depth).to_dict())
     out["circuit"] = graph
     step("circuit")
-    return out

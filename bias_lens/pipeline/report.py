@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .edit_stage import ExportRule
 
 COLUMNS = (  # key, header, format; raw = the papers' literal metrics, -r = renormalised over he/she
     ("fbs_cg", "FBS (CG)", "{:.3f}"), ("fbs", "FBS", "{:.3f}"), ("fbs_renorm", "FBS-r", "{:.3f}"),
     ("afgb", "AFGB", "{:.3f}"), ("afgb_renorm", "AFGB-r", "{:.3f}"), ("mass", "Mass", "{:.3f}"),
     ("afgb_word", "AFGB-w", "{:.3f}"), ("afgb_phrase", "AFGB-p", "{:.3f}"), ("afgb_sentence", "AFGB-s", "{:.3f}"),
-    ("ub", "UB", "{:.3f}"), ("ss", "SS", "{:.1f}"), ("icat", "ICAT", "{:.1f}"), ("crows", "CrowS", "{:.1f}"),
+    ("ub", "UB", "{:.3f}"), ("dama_a_s", "a_s", "{:.3f}"), ("ss", "SS", "{:.1f}"), ("icat", "ICAT", "{:.1f}"), ("crows", "CrowS", "{:.1f}"),
     ("perplexity", "PPL", "{:.2f}"), ("mmlu", "MMLU", "{:.3f}"), ("arithmetic", "Arith", "{:.3f}"),
 )
 #: what each column is (printed under the table)
@@ -19,7 +24,7 @@ LEGEND = ("FBS (CG) = MSME FBS on GenBiasPro-CG; FBS / AFGB = the papers' raw sc
           "also fall when both pronouns fall; an edit that equalises lowers AFGB-r and keeps Mass); AFGB-w/p/s = raw "
           "AFGB by GenBiasEval scale; UB on GenHintEval; SS/ICAT StereoSet gender test (official labels, mean token "
           "log-prob); CrowS = CrowS-Pairs gender; PPL = perplexity on the gender-neutral corpus; MMLU = 0-shot "
-          "accuracy on a per-subject subset of MMLU test; Arith = single-step arithmetic exact match; "
+          "accuracy on a per-subject subset of MMLU test; Arith = single-step arithmetic exact match; a_s = DAMA's regression slope on the stereotype score (DAMA test split; 0 = no stereotype); "
           "Cost-P = weights in the edit mask.")
 
 
@@ -28,14 +33,16 @@ def _fmt(v: Any, f: str) -> str:
 
 
 def table_rows(org: dict[str, float], rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The report table's cells: the unedited model (Org) then one row per edit, formatted."""
     out = [["Org", *[_fmt(org.get(k), f) for k, _, f in COLUMNS], "0"]]
     for r in rows:
         m = r["metrics"]
-        out.append([r["row"]["name"], *[_fmt(m.get(k), f) for k, _, f in COLUMNS], f"{r['cost_p']:,}"])
+        out.append([r["name"], *[_fmt(m.get(k), f) for k, _, f in COLUMNS], f"{r['cost_p']:,}"])
     return out
 
 
 def markdown_table(org: dict[str, float], rows: list[dict[str, Any]]) -> str:
+    """The report table as Markdown."""
     head = ["Method", *[h for _, h, _ in COLUMNS], "Cost-P"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(org, rows)]
@@ -63,7 +70,32 @@ def _locate_summary(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_reports(folder, *, meta: dict[str, Any], evals: dict[str, dict], org: dict[str, float],
+def export_lines(org: dict[str, float], rows: list[dict[str, Any]], best: dict[str, Any] | None,
+                 rule: Any = None) -> list[str]:
+    """What was exported under ``rule`` (default :class:`~bias_lens.pipeline.edit_stage.ExportRule`)
+    and, for every row, why it was not."""
+    from .edit_stage import ExportRule
+
+    rule = rule or ExportRule()
+    head = f"Export rule: {rule.describe()}."
+    if best is not None:
+        out = [head, "", f"Exported: **{best['name']}** -> `checkpoint/` (verified by reload) and `patch/` "
+               f"({best['n_changed']:,} changed entries)."]
+    else:
+        out = [head, "", "**No row passed; nothing exported.**"]
+    out += ["", "| row | why not exported |", "|---|---|"]
+    out += [f"| {r['name']} | {'; '.join(rule.failures(org, r)) or 'passes'} |" for r in rows]
+    return out + [""]
+
+
+def rule_from_meta(meta: dict[str, Any]) -> ExportRule:
+    """The export rule a run recorded (runs before it was recorded used ``ExportRule.raw()``)."""
+    from .edit_stage import ExportRule
+
+    return ExportRule(**meta["export_rule"]) if "export_rule" in meta else ExportRule.raw()
+
+
+def write_reports(folder: Path, *, meta: dict[str, Any], evals: dict[str, dict], org: dict[str, float],
                   rows: list[dict[str, Any]], results: dict[str, Any], figures: dict[str, list[str]],
                   best: dict[str, Any] | None, figs_objs: list[tuple[str, Any]]) -> None:
     """Write ``report.md`` and ``report.html`` into ``folder`` (the run's temporary output folder)."""
@@ -86,18 +118,21 @@ def write_reports(folder, *, meta: dict[str, Any], evals: dict[str, dict], org: 
            f"Train: {meta['config']['n_train']} samples of {meta['config']['suite']} train; early stopping on dev; "
            "metrics on test splits (limits: " + json.dumps(meta["config"]["row_limits"]) + "). " + LEGEND, "",
            markdown_table(org, rows), ""]
-    if best is not None:
-        md += [f"Exported: **{best['row']['name']}** (lowest AFGB among weight edits keeping perplexity within +5% "
-               f"and UB within 0.1) -> `checkpoint/` (verified by reload) and `patch/` ({best['n_changed']:,} changed entries).", ""]
-    else:
-        md += ["No weight edit kept perplexity within +5% and UB within 0.1; nothing exported.", ""]
+    md += export_lines(org, rows, best, rule_from_meta(meta))
     md += ["## Figures", ""]
     for name, files in figures.items():
         png = [f for f in files if f.endswith(".png")]
         md.append(f"- [{name}](figures/{files[0]})" + (f"\n\n  ![{name}](figures/{png[0]})" if png else ""))
     atomic_write_text(folder / "report.md", "\n".join(md) + "\n")
 
-    import plotly.io as pio
+    _write_html(folder, meta, org, rows, results, figs_objs)
+
+
+def _write_html(folder, meta: dict[str, Any], org: dict[str, float], rows: list[dict[str, Any]],
+                results: dict[str, Any], figs_objs: list[tuple[str, Any]]) -> None:
+    """``report.html``: the edit table, the locate summary and every figure (one plotly.js copy)."""
+    from ..io import atomic_write_text
+    from ..plot.run import figure_fragments
 
     body = [f"<h1>bias_lens report: {html.escape(meta['model'])}</h1>",
             f"<p>Command: <code>{html.escape(meta['command'])}</code><br>"
@@ -107,11 +142,8 @@ def write_reports(folder, *, meta: dict[str, Any], evals: dict[str, dict], org: 
             + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table_rows(org, rows))
             + "</table>", "<h2>Locating</h2><ul>"
             + "".join(f"<li>{html.escape(line[2:])}</li>" for line in _locate_summary(results)) + "</ul><h2>Figures</h2>"]
-    first = True
-    for name, fig in figs_objs:
-        body.append(f"<h3>{html.escape(name)}</h3>")
-        body.append(pio.to_html(fig, include_plotlyjs=first, full_html=False))
-        first = False
+    for (name, _), div in zip(figs_objs, figure_fragments(figs_objs)):
+        body += [f"<h3>{html.escape(name)}</h3>", div]
     doc = "<!doctype html><html><head><meta charset='utf-8'><title>bias_lens report</title></head><body>" \
           + "\n".join(body) + "</body></html>"
     atomic_write_text(folder / "report.html", doc)

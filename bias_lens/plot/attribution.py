@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
-import re
-
 import plotly.graph_objects as go
 import torch
 
+from ..labels import HeadLabel, NeuronLabel, parse_all
 from ..locate.result import LocateResult
 from .layout import titled
-
-_NEURON = re.compile(r"^L(\d+)N(\d+)$")
-_HEAD = re.compile(r"^L(\d+)H(\d+)$")
 
 
 def neuron_heatmap(result: LocateResult, *, n_bins: int = 64, signed: bool = False, title: str | None = None) -> go.Figure:
     """Layer x neuron-bin heatmap: each cell is the largest score (or signed score of largest |.|) in its bin."""
     vals = result.extras.get("signed") if signed else result.scores
     vals = torch.as_tensor(vals, dtype=torch.float64)
-    parsed = [_NEURON.match(lab) for lab in result.labels]
-    if not all(parsed):
+    parsed = parse_all(result.labels, NeuronLabel)
+    if parsed is None:
         raise ValueError("neuron_heatmap needs neuron labels L{l}N{k}")
-    layers = sorted({int(m.group(1)) for m in parsed})
-    d_mlp = max(int(m.group(2)) for m in parsed) + 1
+    layers = sorted({n.layer for n in parsed})
+    d_mlp = max(n.index for n in parsed) + 1
     n_bins = min(n_bins, d_mlp)
     width = -(-d_mlp // n_bins)
     grid = torch.full((len(layers), n_bins), float("nan"), dtype=torch.float64)
     row = {l: i for i, l in enumerate(layers)}
-    for m, v in zip(parsed, vals.tolist()):
-        i, j = row[int(m.group(1))], int(m.group(2)) // width
+    for n, v in zip(parsed, vals.tolist()):
+        i, j = row[n.layer], n.index // width
         cur = grid[i, j]
         if torch.isnan(cur) or abs(v) > abs(float(cur)):
             grid[i, j] = v
@@ -45,14 +41,14 @@ def neuron_heatmap(result: LocateResult, *, n_bins: int = 64, signed: bool = Fal
 def head_heatmap(result: LocateResult, *, signed: bool = True, title: str | None = None) -> go.Figure:
     """Layer x head heatmap of head attribution (signed by default: > 0 pushes towards the second target)."""
     vals = torch.as_tensor(result.extras.get("signed") if signed else result.scores, dtype=torch.float64)
-    parsed = [_HEAD.match(lab) for lab in result.labels]
-    if not all(parsed):
+    parsed = parse_all(result.labels, HeadLabel)
+    if parsed is None:
         raise ValueError("head_heatmap needs head labels L{l}H{h}")
-    L = max(int(m.group(1)) for m in parsed) + 1
-    H = max(int(m.group(2)) for m in parsed) + 1
+    L = max(h.layer for h in parsed) + 1
+    H = max(h.head for h in parsed) + 1
     grid = torch.full((L, H), float("nan"), dtype=torch.float64)
-    for m, v in zip(parsed, vals.tolist()):
-        grid[int(m.group(1)), int(m.group(2))] = v
+    for h, v in zip(parsed, vals.tolist()):
+        grid[h.layer, h.head] = v
     fig = go.Figure(go.Heatmap(
         z=grid.tolist(), x=[f"H{h}" for h in range(H)], y=[f"L{l}" for l in range(L)],
         colorscale="RdBu" if signed else "Viridis", zmid=0 if signed else None,

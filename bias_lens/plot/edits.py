@@ -64,7 +64,7 @@ def edits_tradeoff(org: dict[str, float], rows: list[dict[str, Any]]) -> go.Figu
     """
     ykey = "afgb_renorm" if _metric(org, rows, "afgb_renorm") else "afgb"
     with_mass = all("mass" in r["metrics"] for r in rows) and bool(rows)
-    names = ["Org"] + [r["row"]["name"] for r in rows]
+    names = ["Org"] + [r["name"] for r in rows]
     mets = [org] + [r["metrics"] for r in rows]
     x = [float(m["perplexity"]) for m in mets]
     y = [float(m[ykey]) for m in mets]

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import re
-
 import plotly.graph_objects as go
 import torch
 
+from ..labels import EntryLabel, RowLabel, parse_all
 from ..locate.result import LocateResult
 from .layout import titled
-
-_ROW = re.compile(r"^(.+)/row(\d+)$")
-_ENTRY = re.compile(r"^(.+)/row(\d+)/col(\d+)$")
 
 
 def row_cosine_histogram(result: LocateResult, *, n_bins: int = 60, title: str | None = None) -> go.Figure:
     """Histogram of the row cosines, kept rows and the rest as two overlaid traces (MSME Eq. 4)."""
-    if not result.labels or not all(_ROW.match(lab) for lab in result.labels):
-        raise ValueError("row_cosine_histogram needs a row_scale result (labels like L29.mlp.down/row7)")
+    parsed = parse_all(result.labels, RowLabel)
+    if not result.labels or parsed is None:
+        raise ValueError("row_cosine_histogram needs a row_scale result (labels like L3.mlp.down/row7)")
     cos = result.scores.double()
     sel = torch.zeros(len(cos), dtype=torch.bool)
     sel[torch.as_tensor(result.extras.get("selected_rows", []), dtype=torch.long)] = True
@@ -27,7 +24,7 @@ def row_cosine_histogram(result: LocateResult, *, n_bins: int = 60, title: str |
     fig = go.Figure()
     fig.add_trace(go.Histogram(x=cos[~sel].tolist(), xbins=bins, name=f"other rows ({int((~sel).sum())})", marker_color="#9aa5b1"))
     fig.add_trace(go.Histogram(x=cos[sel].tolist(), xbins=bins, name=f"selected rows ({int(sel.sum())})", marker_color="#d1495b"))
-    module = result.extras.get("module", _ROW.match(result.labels[0]).group(1))
+    module = result.extras.get("module", str(parsed[0].module))
     fig.update_layout(barmode="overlay", xaxis_title="cosine of the two target gradients (row)", yaxis_title="rows",
                       legend={"orientation": "h", "x": 0, "y": 1.0, "yanchor": "bottom"})
     fig.update_traces(opacity=0.8)
@@ -36,9 +33,10 @@ def row_cosine_histogram(result: LocateResult, *, n_bins: int = 60, title: str |
 
 def row_cosine_strip(result: LocateResult, *, title: str | None = None) -> go.Figure:
     """Cosine per row index (selected rows highlighted): where in the weight the kept rows sit."""
-    if not all(_ROW.match(lab) for lab in result.labels):
+    parsed = parse_all(result.labels, RowLabel)
+    if parsed is None:
         raise ValueError("row_cosine_strip needs a row_scale result")
-    rows = [int(_ROW.match(lab).group(2)) for lab in result.labels]
+    rows = [r.row for r in parsed]
     sel = set(result.extras.get("selected_rows", []))
     colour = ["#d1495b" if r in sel else "#9aa5b1" for r in rows]
     fig = go.Figure(go.Scattergl(x=rows, y=result.scores.tolist(), mode="markers", marker={"color": colour, "size": 4}))
@@ -55,19 +53,19 @@ def entry_heatmap(result: LocateResult, *, value: str = "count", max_cols: int =
     """
     if value not in ("count", "max", "mean"):
         raise ValueError(f"value must be 'count', 'max' or 'mean', got {value!r}")
-    parsed = [_ENTRY.match(lab) for lab in result.labels]
-    if not parsed or not all(parsed):
-        raise ValueError("entry_heatmap needs a neuron_scale result (labels like L29.mlp.down/row7/col3)")
+    parsed = parse_all(result.labels, EntryLabel)
+    if not parsed:
+        raise ValueError("entry_heatmap needs a neuron_scale result (labels like L3.mlp.down/row7/col3)")
     vals = result.scores if value == "count" else result.extras[f"{value}_importance"]
     vals = torch.as_tensor(vals, dtype=torch.float64).tolist()
-    rows = sorted({int(m.group(2)) for m in parsed})
-    n_cols = int(result.extras.get("n_cols") or max(int(m.group(3)) for m in parsed) + 1)
+    rows = sorted({e.row for e in parsed})
+    n_cols = int(result.extras.get("n_cols") or max(e.col for e in parsed) + 1)
     width = -(-n_cols // min(max_cols, n_cols))
     n_bins = -(-n_cols // width)
     grid = torch.full((len(rows), n_bins), float("nan"), dtype=torch.float64)
     at = {r: i for i, r in enumerate(rows)}
-    for m, v in zip(parsed, vals):
-        i, j = at[int(m.group(2))], int(m.group(3)) // width
+    for e, v in zip(parsed, vals):
+        i, j = at[e.row], e.col // width
         if torch.isnan(grid[i, j]) or v > grid[i, j]:
             grid[i, j] = v
     x = [str(j * width) if width == 1 else f"{j * width}-{min(n_cols, (j + 1) * width) - 1}" for j in range(n_bins)]
@@ -75,6 +73,6 @@ def entry_heatmap(result: LocateResult, *, value: str = "count", max_cols: int =
                                colorbar={"title": "prompts" if value == "count" else f"{value} |g_he-g_she|"}))
     n = result.extras.get("n_entries", len(result.labels))
     fig.update_layout(xaxis_title="column" + (f" bin (width {width})" if width > 1 else ""), yaxis_title="selected row")
-    module = result.extras.get("module", parsed[0].group(1))
+    module = result.extras.get("module", str(parsed[0].module))
     return titled(fig, title or f"Weight entries of {module} chosen per prompt (MSME Eq. 5)",
                   f"{n} entries in {len(rows)} rows; cell = {value}; {result.variant}")

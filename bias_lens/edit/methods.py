@@ -1,0 +1,260 @@
+"""Edit-method variants: one small validated dataclass per method, its defaults defined here once.
+
+A plan (:class:`bias_lens.pipeline.plan.EditPlan`) is *where* (a scale and how many located
+labels) plus one of these. Each variant serialises as a dict keyed by ``kind``
+(:func:`method_to_dict` / :func:`method_from_dict`), which is what reports, caches and exported
+checkpoints record. The function that turns a variant into an :class:`~bias_lens.edit.edits.Edit`
+is registered in :data:`bias_lens.pipeline.driver.COMPUTE`; a new method is one dataclass here
+plus one function there.
+
+* :class:`Finetune` — masked fine-tuning of the located entries (MSME / LFTF). ``paper`` picks the
+  literal loss (``msme``: MSME Eq. 6-8 as written, ``msme_literal``; ``lftf``: LFTF Eq. 5) unless
+  ``loss`` names another one of :data:`bias_lens.edit.losses.LOSSES`; ``lr`` ``None`` = the
+  scale's learning rate (:data:`bias_lens.edit.finetune.SCALE_LR`). ``hint`` adds the UB anchor
+  (docs/edit_hint.md); ``dev_metric`` / ``mass_weight`` / ``mass_floor`` are the equalising
+  options (docs/edit.md).
+* :class:`FullFinetune` — the FPFT baseline: the same loop over every parameter.
+* :class:`Masking` — scale the located entries by ``factor`` (0 = zero them; the attribution scale
+  masks the neurons' down-projection columns).
+* :class:`Contrastive` — a reference fine-tuned toward anti-stereotypical targets over the located
+  entries (``reference``), then the top-``k`` ``|θ_ref − θ|`` entries edited by ``mode``/``alpha``.
+* :class:`Prompt` — the PB baseline: a debiasing prefix, no weights.
+* :class:`Dama` — DAMA's orthogonal projection of a learned gender subspace out of the MLP
+  outputs of upper-middle layers (no located mask: DAMA chooses its layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .finetune import SCALE_LR, FinetuneConfig
+
+if TYPE_CHECKING:
+    from .dama import DamaConfig
+
+#: the literal loss of each paper's fine-tuning (MSME Eq. 6-8 as written, LFTF Eq. 5)
+PAPER_LOSS = {"msme": "msme_literal", "lftf": "lftf"}
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and v < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {v}")
+
+
+@dataclass(frozen=True)
+class HintAnchor:
+    """The UB anchor on GenHintEval train prompts and its dev-UB guard (docs/edit_hint.md)."""
+
+    weight: float = 1.0
+    loss: str = "ub_drop"
+    ub_tolerance: float | None = 0.05  # early stopping rejects states whose dev UB fell more than this
+    dev_limit: int = 64
+
+    def __post_init__(self) -> None:
+        from .losses import get_hint_loss
+
+        get_hint_loss(self.loss)
+        if not self.weight > 0:
+            raise ValueError(f"hint-weight must be > 0 with hint-anchor, got {self.weight}")
+        if self.ub_tolerance is not None and self.ub_tolerance < 0:
+            raise ValueError(f"ub-tolerance must be >= 0, got {self.ub_tolerance}")
+        _positive(self, "dev_limit")
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """Masked fine-tuning (MSME / LFTF) of the located entries; ``None`` = the paper/scale default."""
+
+    kind: ClassVar[str] = "finetune"
+    paper: str = "msme"
+    loss: str | None = None
+    lr: float | None = None
+    epochs: int = 2
+    max_steps: int | None = None
+    eval_every: int | None = None  # steps between dev/retention checks (None: once per epoch)
+    patience: int = 2
+    batch_size: int = 32
+    dev_limit: int = 128
+    retention_limit: int = 48
+    retention_threshold: float = 0.05
+    hint: HintAnchor | None = None
+    dev_metric: str = "afgb"
+    mass_weight: float = 0.0
+    mass_floor: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.paper not in PAPER_LOSS:
+            raise ValueError(f"paper must be one of {', '.join(PAPER_LOSS)}, got {self.paper!r}")
+        _positive(self, "epochs", "max_steps", "eval_every", "patience", "batch_size", "dev_limit")
+        if self.retention_limit < 0:
+            raise ValueError("retention-limit must be >= 0")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        self.config("module", 0)  # the loop's own checks (loss name, dev metric, mass options)
+
+    @property
+    def name(self) -> str:
+        """The method name used in records and reports (the paper's name)."""
+        return self.paper
+
+    def config(self, scale: str | None, seed: int) -> FinetuneConfig:
+        """The :class:`~bias_lens.edit.finetune.FinetuneConfig` of this variant at ``scale``."""
+        scale = scale if scale in SCALE_LR else "all"
+        over: dict[str, Any] = {
+            "loss": self.loss or self.default_loss, "seed": seed, "epochs": self.epochs, "batch_size": self.batch_size,
+            "dev_limit": self.dev_limit, "retention_limit": self.retention_limit, "max_steps": self.max_steps,
+            "retention_threshold": self.retention_threshold, "eval_every": self.eval_every, "patience": self.patience,
+            "dev_metric": self.dev_metric, "mass_weight": self.mass_weight, "mass_floor": self.mass_floor}
+        if self.lr is not None:
+            over["lr"] = self.lr
+        if self.hint is not None:
+            over.update(hint_weight=self.hint.weight, hint_loss=self.hint.loss, ub_tolerance=self.hint.ub_tolerance,
+                        hint_dev_limit=self.hint.dev_limit)
+        return FinetuneConfig.for_scale(scale, **over)
+
+    @property
+    def default_loss(self) -> str:
+        """The loss the variant's paper uses (:data:`PAPER_LOSS`)."""
+        return PAPER_LOSS[self.paper]
+
+
+@dataclass(frozen=True)
+class FullFinetune(Finetune):
+    """FPFT: the fine-tuning loop over every parameter (lr: ``SCALE_LR["all"]``)."""
+
+    kind: ClassVar[str] = "fpft"
+
+    @property
+    def name(self) -> str:
+        """The method name used in records and reports (``fpft``)."""
+        return "fpft"
+
+    def config(self, scale: str | None, seed: int) -> FinetuneConfig:
+        """The fine-tuning config at scale ``all`` whatever ``scale`` is (every parameter is trained)."""
+        return super().config("all", seed)
+
+
+@dataclass(frozen=True)
+class Masking:
+    """Scale the located entries by ``factor`` (attribution scale: the neurons' down columns)."""
+
+    kind: ClassVar[str] = "mask"
+    factor: float = 0.0
+    name: ClassVar[str] = "mask"
+
+
+@dataclass(frozen=True)
+class Contrastive:
+    """Reference toward anti-stereotypical targets, then the top-``k`` differing entries edited."""
+
+    kind: ClassVar[str] = "contrastive"
+    name: ClassVar[str] = "contrastive"
+    mode: str = "interpolate"
+    alpha: float = 1.0
+    k: int = 5000
+    reference: Finetune = field(default_factory=lambda: Finetune(loss="msme_align"))
+
+    def __post_init__(self) -> None:
+        from .contrastive import MODES
+
+        _positive(self, "k")
+        if self.mode not in MODES:
+            raise ValueError(f"contrastive mode must be one of {', '.join(MODES)}")
+        if self.mode == "mask_switch":
+            raise ValueError("mask_switch needs pruning masks; use the library's contrastive.mask_diff_mask")
+        if self.mode == "interpolate" and not 0 <= self.alpha <= 1:
+            raise ValueError(f"interpolation needs 0 <= alpha <= 1 (got {self.alpha}); use --contrastive-mode extrapolate")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """PB: a debiasing instruction prepended to every bias prompt; no weights change."""
+
+    kind: ClassVar[str] = "prompt"
+    name: ClassVar[str] = "prompt"
+    prefix: str | None = None  # None: bias_lens.edit.baselines.PB_PREFIX
+
+    @property
+    def text(self) -> str:
+        """The debiasing prefix: ``prefix`` when given, else :data:`~bias_lens.edit.baselines.PB_PREFIX`."""
+        from .baselines import PB_PREFIX
+
+        return self.prefix if self.prefix is not None else PB_PREFIX
+
+
+@dataclass(frozen=True)
+class Dama:
+    """DAMA's projection edit (:mod:`bias_lens.edit.dama`): the gender subspace, learned on the
+    ``train_suite``'s train prompts, projected out of the MLP outputs of ``n_layers`` upper-middle
+    layers. ``None`` defaults scale with the model as the reference's released LLaMA-7B run script
+    (``run_adapt_model_7B.sh``: ``--null_dim 128 --num_layers 11``) does: ``null_dim = d_model // 32``
+    and ``n_layers = round(11 / 32 x layers)``, ending two layers below the top (docs/dama.md; the
+    example config's 1024 of 4096 and 9 layers is ``Dama(null_dim=d_model // 4, ...)``)."""
+
+    kind: ClassVar[str] = "dama"
+    name: ClassVar[str] = "dama"
+    null_dim: int | None = None
+    n_layers: int | None = None
+    update: str = "iterative"
+    steps: int = 20
+    max_requests: int | None = None  # train prompts used (None: the whole train split)
+    train_suite: str = "dama"
+
+    def __post_init__(self) -> None:
+        from .dama import UPDATES
+
+        _positive(self, "null_dim", "n_layers", "steps")
+        if self.update not in UPDATES:
+            raise ValueError(f"dama update must be one of {', '.join(UPDATES)}, got {self.update!r}")
+        if self.max_requests is not None and self.max_requests < 2:
+            raise ValueError(f"max-requests must be >= 2, got {self.max_requests}")
+
+    def config(self, d_model: int, n_model_layers: int, seed: int) -> DamaConfig:
+        """The :class:`~bias_lens.edit.dama.DamaConfig` of this variant on a model of that shape."""
+        from .dama import DamaConfig
+
+        return DamaConfig(null_dim=self.null_dim or max(1, d_model // 32),
+                          n_layers=self.n_layers or max(1, round(11 / 32 * n_model_layers)), update=self.update,
+                          steps=self.steps, max_requests=self.max_requests, seed=seed)
+
+
+Method = Finetune | FullFinetune | Masking | Contrastive | Prompt | Dama
+#: every variant by its ``kind`` (the JSON key); an Editor variant registers here too
+VARIANTS: dict[str, type] = {c.kind: c for c in (Finetune, FullFinetune, Masking, Contrastive, Prompt, Dama)}
+#: methods whose edit does not use a located mask
+MASKLESS = ("fpft", "prompt", "dama")
+
+
+def method_to_dict(m: Any) -> dict[str, Any]:
+    """``{"kind": ..., **fields}`` (nested variants as dicts)."""
+    return {"kind": m.kind, **asdict(m)}
+
+
+def method_from_dict(d: dict[str, Any]) -> Any:
+    """The variant of ``d["kind"]`` (unknown kinds and fields are one clear ValueError)."""
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in VARIANTS:
+        raise ValueError(f"unknown edit method kind {kind!r}; choose one of {', '.join(VARIANTS)}")
+    cls = VARIANTS[kind]
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown options {unknown} for edit method {kind!r}; known: {', '.join(sorted(names))}")
+    if d.get("hint") is not None:
+        d["hint"] = HintAnchor(**d["hint"])
+    if isinstance(d.get("reference"), dict):
+        d["reference"] = Finetune(**d["reference"])
+    return cls(**d)
+
+
+def with_training(m: Any, **overrides: Any) -> Any:
+    """``m`` with fine-tuning fields replaced (the variant itself, or a contrastive reference)."""
+    if isinstance(m, Finetune):
+        return replace(m, **overrides)
+    if isinstance(m, Contrastive):
+        return replace(m, reference=replace(m.reference, **overrides))
+    return m

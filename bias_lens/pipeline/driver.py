@@ -1,0 +1,258 @@
+"""The one edit driver: plan -> train/dev split -> located mask -> edit -> measure -> record.
+
+:func:`apply_plan` is what ``bias-lens edit`` runs (one plan from its flags) and what every row of
+``bias-lens run`` runs (the report's plans, :mod:`bias_lens.pipeline.config`):
+
+1. ``n_samples`` seeded train samples of the plan's suite and its dev split;
+2. the located weights: the given :class:`~bias_lens.locate.result.LocateResult` (the main job
+   passes its locate stage's), or one computed on the train prompts by :data:`LOCATORS`; the top
+   ``k`` labels as a :class:`~bias_lens.edit.masks.ParamMask` (Cost-P = its size);
+3. the method's :class:`~bias_lens.edit.edits.Edit` by :data:`COMPUTE` (model unchanged);
+4. the edit applied and measured by :func:`bias_lens.pipeline.measure.measure`.
+
+It returns an :class:`EditRun`: the edit still applied (``handle.undo()`` restores the model
+bit-exactly) and an :class:`EditRecord`, the one result record both commands write as JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..edit.edits import Edit, EditHandle
+from ..edit.masks import ParamMask
+from ..edit.methods import Contrastive, Dama, Finetune, FullFinetune, Masking, Prompt
+from .measure import measure
+from .plan import EditPlan
+
+if TYPE_CHECKING:
+    from ..lens import LensModel
+    from ..locate.result import LocateResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EditRecord:
+    """What one plan did: metrics before/after, the mask's size and the weights really changed."""
+
+    name: str
+    plan: dict[str, Any]
+    before: dict[str, float]
+    metrics: dict[str, float]  # after the edit
+    cost_p: int
+    n_changed: int
+    labels: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    prefix: str | None = None  # PB: the prompt prefix (no weights)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON-ready dict (what the CLI and the run cache write)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EditRecord":
+        """The record of :meth:`to_dict`'s output."""
+        return cls(**d)
+
+
+@dataclass
+class EditRun:
+    """An :class:`EditRecord` plus the live edit (applied; ``handle.undo()`` reverts it)."""
+
+    record: EditRecord
+    edit: Edit | None
+    handle: EditHandle | None
+    located: Any = None
+
+
+def split_samples(plan: EditPlan) -> tuple[list[dict], list[dict]]:
+    """Seeded ``n_samples`` train samples and the dev split."""
+    from ..benchmarks import load_split
+
+    train = load_split(plan.suite, "train")
+    if plan.n_samples < len(train):
+        train = random.Random(plan.seed).sample(train, plan.n_samples)
+    return train, load_split(plan.suite, "dev")
+
+
+def hint_samples(plan: EditPlan) -> tuple[list[dict], list[dict]]:
+    """Seeded ``n_samples`` GenHintEval train samples (anchor) and the GenHintEval dev split (UB guard)."""
+    from ..benchmarks import load_split
+
+    hint = load_split("genhinteval", "train")
+    if plan.n_samples < len(hint):
+        hint = random.Random(plan.seed).sample(hint, plan.n_samples)
+    return hint, load_split("genhinteval", "dev")
+
+
+def _attribution(lm, prompts: list[str], plan: EditPlan):
+    from ..locate.attribution import neuron_attribution
+    from ..locate.general_neurons import filter_general, position_stats
+
+    res = neuron_attribution(lm, prompts, "he,she")
+    return filter_general(res, position_stats(lm, prompts)) if plan.where.general_filter else res
+
+
+def _layers(lm, prompts, plan):
+    from ..locate.layers import layer_scale
+
+    return layer_scale(lm, prompts)
+
+
+def _modules(lm, prompts, plan):
+    from ..locate.modules import module_scale
+
+    return module_scale(lm, prompts)
+
+
+def _rows(lm, prompts, plan):
+    from ..locate.gradients import row_scale
+
+    return row_scale(lm, prompts, _top_module(lm, prompts))
+
+
+def _neurons(lm, prompts, plan):
+    from ..locate.gradients import neuron_scale
+
+    return neuron_scale(lm, prompts, _top_module(lm, prompts))
+
+
+def _top_module(lm, prompts) -> str:
+    """Row/neuron scales rank inside one module: the module scale's top FFN down projection."""
+    from ..locate.modules import module_scale
+    from .locate_stage import restrict_modules
+
+    return restrict_modules(module_scale(lm, prompts), ("mlp.down",)).top_labels(1)[0]
+
+
+#: scale -> locator on the train prompts (when no locate result is given)
+LOCATORS: dict[str, Callable] = {"layer": _layers, "module": _modules, "row": _rows, "neuron": _neurons,
+                                 "attribution": _attribution}
+
+
+def locate(lm: LensModel, plan: EditPlan, train: list[dict]) -> LocateResult:
+    """The plan scale's locate result on the train prompts."""
+    return LOCATORS[plan.scale](lm, [s["prompt"] for s in train], plan)
+
+
+def located_labels(plan: EditPlan, result: LocateResult) -> list[str]:
+    """The top ``k`` labels of ``result`` (attribution: neuron labels only, in rank order)."""
+    if plan.scale == "attribution":
+        from ..edit.neuron_masking import select_neurons
+
+        return select_neurons(result, plan.where.k_eff)
+    return result.top_labels(min(plan.where.k_eff, len(result.labels)))
+
+
+def build_mask(lm: LensModel, plan: EditPlan, result: LocateResult) -> ParamMask:
+    """The plan's mask: the located labels (attribution neurons: down columns only if asked)."""
+    from ..edit.masks import mask_from_labels, without_attention, without_mlp
+    from ..edit.neuron_masking import down_column_mask
+
+    labels = located_labels(plan, result)
+    down = plan.scale == "attribution" and plan.down_only
+    mask = down_column_mask(lm, labels) if down else mask_from_labels(lm.hf, labels)
+    drop = plan.where.drop
+    mask = without_attention(mask, lm.hf) if drop == "attention" else without_mlp(mask, lm.hf) if drop == "mlp" else mask
+    if mask.size == 0:
+        raise ValueError(f"the mask of {labels[:3]} is empty after dropping {drop}; choose other labels")
+    return mask
+
+
+@dataclass
+class EditData:
+    """The samples a method trains on: train, dev, and (hint anchor) GenHintEval train/dev."""
+
+    train: list[dict]
+    dev: list[dict]
+    plan: EditPlan
+
+
+def _finetune(lm, m: Finetune, mask: ParamMask | None, data: EditData) -> tuple[Edit | None, dict[str, Any]]:
+    from ..edit.baselines import fpft
+    from ..edit.finetune import masked_finetune
+
+    cfg = m.config(data.plan.scale, data.plan.seed)
+    if isinstance(m, FullFinetune):
+        res = fpft(lm, data.train, data.dev, cfg)
+    else:
+        hint, hint_dev = hint_samples(data.plan) if m.hint is not None else (None, None)
+        res = masked_finetune(lm, mask, data.train, data.dev, cfg, method=f"{m.name}({data.plan.scale})", hint=hint,
+                              hint_dev=hint_dev)
+    if res.edit is None:
+        raise RuntimeError(f"fine-tuning failed: non-finite loss at step {res.nan_step}; the model is unchanged")
+    info = {"status": res.status, "best_step": res.best_step, "optimizer_state_numel": res.optimizer_state_numel,
+            "history": [{k: v for k, v in h.items() if k != "losses"} for h in res.history], "config": res.config}
+    return res.edit, info
+
+
+def _masking(lm, m: Masking, mask: ParamMask | None, data: EditData) -> tuple[Edit, dict[str, Any]]:
+    return Edit.scale(lm.hf, mask, m.factor, method=f"mask({data.plan.scale})"), {}
+
+
+def _contrastive(lm, m: Contrastive, mask: ParamMask | None, data: EditData) -> tuple[Edit, dict[str, Any]]:
+    from ..edit.contrastive import contrastive_edit, make_reference, value_diff_mask
+
+    cfg = m.reference.config(data.plan.scale, data.plan.seed)
+    ref = make_reference(lm, data.train, cfg, mask=mask)  # no dev early stop: the reference is meant to move
+    where = value_diff_mask(lm, ref, min(m.k, mask.size), names=mask.names) & mask
+    edit = contrastive_edit(lm, ref, where, m.mode, alpha=m.alpha)
+    return edit, {"contrastive_size": where.size, "config": cfg.to_dict()}
+
+
+def _dama(lm, m: Dama, mask: ParamMask | None, data: EditData) -> tuple[Edit, dict[str, Any]]:
+    from ..benchmarks import load_split
+    from ..edit.dama import dama_edit
+
+    cfg = m.config(lm.d_model, lm.n_layers, data.plan.seed)
+    edit = dama_edit(lm, load_split(m.train_suite, "train"), cfg)
+    return edit, {"config": asdict(cfg), "layers": edit.meta.get("layers"), "variant": cfg.variant,
+                  "per_layer": edit.meta.get("per_layer")}
+
+
+#: method variant -> the function computing its Edit (model unchanged on return) and run information
+COMPUTE: dict[type, Callable] = {Finetune: _finetune, FullFinetune: _finetune, Masking: _masking,
+                                 Contrastive: _contrastive, Dama: _dama}
+
+
+def compute_edit(lm: LensModel, plan: EditPlan, mask: ParamMask | None, train: list[dict],
+                 dev: list[dict]) -> tuple[Edit | None, dict[str, Any]]:
+    """The plan method's edit and run information (model unchanged)."""
+    fn = COMPUTE.get(type(plan.method))
+    if fn is None:
+        raise ValueError(f"method {plan.method.name!r} computes no weight edit")
+    return fn(lm, plan.method, mask, EditData(train, dev, plan))
+
+
+def apply_plan(lm: LensModel, plan: EditPlan, located: LocateResult | None = None, *, limits: dict[str, int | None], before: dict[str, float] | None = None,
+               batch_size: int = 32, locate_fn: Callable | None = None) -> EditRun:
+    """Run ``plan`` on ``lm`` (see the module docstring); the edit is left applied on return.
+
+    ``located``: the scale's locate result (default: located on the train prompts by ``locate_fn``
+    or :func:`locate`); ``before``: already-measured metrics of the unedited model on ``limits``."""
+    train, dev = split_samples(plan)
+    mask, labels = None, []
+    if plan.where is not None:
+        located = located if located is not None else (locate_fn or locate)(lm, plan, train)
+        mask = build_mask(lm, plan, located)
+        labels = located_labels(plan, located)
+    before = dict(before) if before is not None else measure(lm, limits, batch_size=batch_size)
+    if isinstance(plan.method, Prompt):
+        after = measure(lm, limits, prefix=plan.method.text, batch_size=batch_size)
+        rec = EditRecord(plan.label, plan.to_dict(), before, after, 0, 0, prefix=plan.method.text)
+        return EditRun(rec, None, None, located)
+    edit, info = compute_edit(lm, plan, mask, train, dev)
+    n_changed = int(sum(edit.changed_counts(lm.hf).values()))
+    handle = edit.apply_(lm.hf)
+    try:
+        after = measure(lm, limits, batch_size=batch_size)
+    except BaseException:
+        handle.undo()
+        raise
+    cost = mask.size if mask is not None else sum(p.numel() for p in lm.hf.parameters())
+    rec = EditRecord(plan.label, plan.to_dict(), before, after, int(cost), n_changed, labels[:50], info)
+    return EditRun(rec, edit, handle, located)

@@ -1,0 +1,112 @@
+"""Edit plans: *where* to edit (a locate scale and how many of its labels) and *how* (one method).
+
+``bias-lens edit`` builds one :class:`EditPlan` from its flags; the main job's report rows are
+:class:`EditPlan` s too (:mod:`bias_lens.pipeline.config`); both run through
+:func:`bias_lens.pipeline.driver.apply_plan`. ``to_dict`` / ``from_dict`` round-trip a plan through
+JSON (the method keyed by its ``kind``, see :mod:`bias_lens.edit.methods`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..edit.methods import MASKLESS, Finetune, Masking, method_from_dict, method_to_dict, with_training
+
+SCALES = ("layer", "module", "row", "neuron", "attribution")
+#: Default number of located labels per scale (a block, a module, rows, entries, FFN neurons).
+DEFAULT_K = {"layer": 1, "module": 1, "row": 4, "neuron": 4096, "attribution": 8}
+#: suites with real-world gender shares per prompt (what the fine-tuning losses need)
+PROFESSION_SUITES = ("genbiaseval", "genbiaspro-cg", "dama")
+
+
+@dataclass(frozen=True)
+class Where:
+    """The located weights: the top ``k`` labels of the ``scale``'s locate result.
+
+    ``neuron_params`` (attribution scale): ``"all"`` trains each neuron's down column and gate/up
+    rows, ``"down"`` only its down column (masking always uses the down column). ``drop``: LFTF's
+    ablation, remove the attention (``"attention"``) or MLP (``"mlp"``) tensors from the mask.
+    ``general_filter`` (attribution scale, CLI locate): drop general neurons before ranking."""
+
+    scale: str
+    k: int | None = None
+    neuron_params: str = "all"
+    drop: str | None = None
+    general_filter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"unknown scale {self.scale!r}; choose one of {', '.join(SCALES)}")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.neuron_params not in ("all", "down"):
+            raise ValueError(f"neuron-params must be 'all' or 'down', got {self.neuron_params!r}")
+        if self.drop not in (None, "attention", "mlp"):
+            raise ValueError(f"drop must be 'attention' or 'mlp', got {self.drop!r}")
+
+    @property
+    def k_eff(self) -> int:
+        """``k``, or the scale's default number of located labels when not given."""
+        return self.k if self.k is not None else DEFAULT_K[self.scale]
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """One edit: ``method`` (a variant of :mod:`bias_lens.edit.methods`) at ``where``, trained on
+    ``n_samples`` seeded samples of ``suite``'s train split, early-stopped on its dev split."""
+
+    method: Any
+    where: Where | None = None
+    suite: str = "genbiaseval"
+    n_samples: int = 256
+    seed: int = 0
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        kind = self.method.kind
+        if self.where is None and kind not in MASKLESS:
+            raise ValueError(f"method {self.method.name!r} needs --scale ({'|'.join(SCALES)})")
+        if self.where is not None and kind in MASKLESS:
+            raise ValueError(f"method {self.method.name!r} edits no located weights; drop --scale")
+        if self.suite not in PROFESSION_SUITES:
+            raise ValueError(f"editing needs a profession suite with real-world shares: {', '.join(PROFESSION_SUITES)}")
+        if self.n_samples < 1:
+            raise ValueError(f"n-samples must be >= 1, got {self.n_samples}")
+
+    @property
+    def scale(self) -> str | None:
+        """The located scale, or None for maskless methods."""
+        return self.where.scale if self.where is not None else None
+
+    @property
+    def label(self) -> str:
+        """The row name: ``name`` or ``"<method> (<scale>)"``."""
+        return self.name or (f"{self.method.name} ({self.scale})" if self.scale else self.method.name)
+
+    @property
+    def down_only(self) -> bool:
+        """Attribution neurons: edit only their down-projection columns."""
+        return isinstance(self.method, Masking) or (self.where is not None and self.where.neuron_params == "down")
+
+    def training(self, **overrides: Any) -> "EditPlan":
+        """This plan with fine-tuning fields replaced (methods without training are unchanged)."""
+        return replace(self, method=with_training(self.method, **overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as a JSON-ready dict (recorded with each row)."""
+        return {"name": self.label, "method": method_to_dict(self.method),
+                "where": None if self.where is None else {**self.where.__dict__},
+                "suite": self.suite, "n_samples": self.n_samples, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EditPlan":
+        """The plan of :meth:`to_dict`'s output."""
+        where = d.get("where")
+        return cls(method_from_dict(d["method"]), Where(**where) if where else None, d.get("suite", "genbiaseval"),
+                   d.get("n_samples", 256), d.get("seed", 0), d.get("name"))
+
+
+def finetune_plan(paper: str, scale: str, name: str | None = None, **kw: Any) -> EditPlan:
+    """Shorthand for the report rows: ``Finetune(paper=..., **kw)`` at ``Where(scale)``."""
+    return EditPlan(Finetune(paper=paper, **kw), Where(scale), name=name)
