@@ -140,3 +140,18 @@ def test_guard_verdicts_by_hand():
         DevBias([], "fbs")
     with pytest.raises(ValueError, match="mass_weight"):
         FinetuneConfig(mass_floor=1.5)
+
+
+def test_mass_guard_reads_the_objectives_pass(tiny_llama, monkeypatch):
+    """The mass guard takes p(he) + p(she) from the objective's dev pass (one pass per check), and
+    the number equals a separate dev_mass computation."""
+    import bias_lens.edit.measure as measure
+
+    prompts = [s["prompt"] for s in DEV]
+    obj = DevBias(prompts, "afgb_renorm")
+    guard = mass_guard(prompts, 0.9, objective=obj)
+    want = measure.dev_mass(tiny_llama, prompts)
+    assert obj.measure(tiny_llama) == measure.dev_afgb_renorm(tiny_llama, prompts)
+    calls = []
+    monkeypatch.setattr(measure, "dev_probs", lambda *a, **k: calls.append(1))
+    assert guard.measure(tiny_llama) == pytest.approx(want, abs=0, rel=1e-15) and calls == []

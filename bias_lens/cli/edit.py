@@ -29,6 +29,7 @@ PATCH_DIR = "patch"
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``edit`` command and its flags (every flag left out keeps the method variant's default)."""
     from ..edit.contrastive import MODES
+    from ..edit.guards import DEV_METRICS
     from ..edit.losses import HINT_LOSSES, LOSSES
     from ..pipeline.plan import PROFESSION_SUITES, SCALES
 
@@ -44,13 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "row 4, neuron 4096 entries, attribution 8 neurons)")
     p.add_argument("--n-samples", type=int, default=256, help="train samples to locate and fine-tune on (default 256)")
     p.add_argument("--seed", type=int, default=0)
-    _add_training_args(p, LOSSES)
+    _add_training_args(p, LOSSES, DEV_METRICS)
     _add_method_args(p, MODES, HINT_LOSSES)
     add_json_arg(p)
     p.set_defaults(func=run)
 
 
-def _add_training_args(p: argparse.ArgumentParser, losses: dict) -> None:
+def _add_training_args(p: argparse.ArgumentParser, losses: dict, dev_metrics: tuple[str, ...]) -> None:
     """Fine-tuning and measurement flags (None = the method variant's default)."""
     p.add_argument("--loss", choices=list(losses), default=None,
                    help="fine-tuning loss (default: msme_literal for msme/fpft, msme_align for the contrastive reference, lftf for lftf)")
@@ -61,7 +62,7 @@ def _add_training_args(p: argparse.ArgumentParser, losses: dict) -> None:
     p.add_argument("--patience", type=int, default=None, help="dev checks without improvement before stopping (default 2)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 32)")
     p.add_argument("--dev-limit", type=int, default=None, help="dev samples for early stopping (default 128)")
-    p.add_argument("--dev-metric", choices=DEV_METRICS, default=None,
+    p.add_argument("--dev-metric", choices=dev_metrics, default=None,
                    help="early-stopping objective: afgb (raw, the papers') or afgb_renorm (he/she shares only)")
     p.add_argument("--mass-weight", type=float, default=None, help="weight of the mass-keeping term (default 0: off)")
     p.add_argument("--mass-floor", type=float, default=None,
@@ -109,7 +110,6 @@ TRAINING_FLAGS = {"loss": "loss", "lr": "lr", "epochs": "epochs", "max_steps": "
                   "dev_metric": "dev_metric", "mass_weight": "mass_weight", "mass_floor": "mass_floor"}
 HINT_FLAGS = {"hint_weight": "weight", "hint_loss": "loss", "ub_tolerance": "ub_tolerance"}
 CONTRASTIVE_FLAGS = {"contrastive_mode": "mode", "alpha": "alpha", "contrastive_k": "k"}
-DEV_METRICS = ("afgb", "afgb_renorm")
 
 
 def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict:

@@ -243,9 +243,10 @@ def early_stopping(lm: LensModel, cfg: FinetuneConfig, dev: Sequence[dict] | Non
     guards = [retention_guard(texts, cfg.retention_threshold)]
     if cfg.ub_tolerance is not None:
         guards.append(ub_guard(list(hint_dev)[: cfg.hint_dev_limit], cfg.ub_tolerance))
+    objective = DevBias(dev_prompts, cfg.dev_metric)
     if cfg.mass_floor is not None and dev_prompts:
-        guards.append(mass_guard(dev_prompts, cfg.mass_floor))
-    stopper = EarlyStopping(DevBias(dev_prompts, cfg.dev_metric), guards, cfg.patience)
+        guards.append(mass_guard(dev_prompts, cfg.mass_floor, objective=objective))
+    stopper = EarlyStopping(objective, guards, cfg.patience)
     stopper.baseline(lm)
     return stopper
 

@@ -37,6 +37,8 @@ class DevBias:
 
     prompts: list[str]
     metric: str = "afgb"
+    #: (he, she) probabilities of the last measurement (the mass guard reads them: one dev pass per check)
+    last_probs: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.metric not in DEV_METRICS:
@@ -49,11 +51,13 @@ class DevBias:
 
     def measure(self, lm: Any) -> float | None:
         """The dev bias (AFGB or renormalised AFGB) of ``lm`` on the dev prompts; None without dev prompts."""
-        from .measure import dev_afgb, dev_afgb_renorm
+        from ..benchmarks.metrics import afgb_t
+        from .measure import dev_probs
 
         if not self.prompts:
             return None
-        return (dev_afgb if self.metric == "afgb" else dev_afgb_renorm)(lm, self.prompts)
+        self.last_probs = dev_probs(lm, self.prompts)
+        return float(afgb_t(self.last_probs, renorm=self.metric == "afgb_renorm"))
 
 
 @dataclass
@@ -102,13 +106,25 @@ def ub_guard(samples: Sequence[dict], tolerance: float = 0.05, base: float | Non
                  "reject", base)
 
 
-def mass_guard(prompts: Sequence[str], floor: float = 0.9, base: float | None = None) -> Guard:
-    """Reject states whose dev pronoun mass ``p(he) + p(she)`` fell below ``floor`` x baseline."""
+def mass_guard(prompts: Sequence[str], floor: float = 0.9, base: float | None = None, *,
+               objective: DevBias | None = None) -> Guard:
+    """Reject states whose dev pronoun mass ``p(he) + p(she)`` fell below ``floor`` x baseline.
+
+    With ``objective`` (the :class:`DevBias` on the same prompts, measured first in each check) the
+    mass is read from its probabilities instead of a second pass over the dev prompts."""
+    from ..benchmarks.metrics import mass_t
     from .measure import dev_mass
 
     prompts = list(prompts)
-    return Guard("dev_mass", lambda lm: dev_mass(lm, prompts) if prompts else None, lambda b: floor * b, False,
-                 "reject", base)
+
+    def fn(lm: Any) -> float | None:
+        if not prompts:
+            return None
+        if objective is not None and objective.prompts == prompts and objective.last_probs is not None:
+            return float(mass_t(objective.last_probs))
+        return dev_mass(lm, prompts)
+
+    return Guard("dev_mass", fn, lambda b: floor * b, False, "reject", base)
 
 
 @dataclass
@@ -129,9 +145,10 @@ class EarlyStopping:
     history: list[dict] = field(default_factory=list)
 
     def _measure(self, lm: Any, step: int) -> tuple[dict[str, Any], float | None, list[float | None]]:
-        # order (retention, objective, then the other guards) kept from the original loop
-        values = [g.measure(lm) for g in self.guards]
+        # the objective first: the mass guard reads its dev probabilities (every number is pure)
+        self.objective.last_probs = None
         dv = self.objective.measure(lm)
+        values = [g.measure(lm) for g in self.guards]
         rec: dict[str, Any] = {"step": step, self.objective.key: dv}
         for g, v in zip(self.guards, values):
             if v is not None or g.key == "retention_ppl":
