@@ -28,17 +28,22 @@ def main() -> None:
     ap.add_argument("specs", nargs="+", help="scale:loss:lr:mass_weight")
     ap.add_argument("--module", required=True, help="the module to edit, e.g. L29.mlp.down on SmolLM2")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--n-train", type=int, default=128)
+    ap.add_argument("--eval-every", type=int, default=1)
+    ap.add_argument("--optimizer", default="adam")
+    ap.add_argument("--patience", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(2)
     lm = load_model("smollm2-135m")
-    train = random.Random(0).sample(load_split("genbiaseval", "train"), 128)
+    train = random.Random(0).sample(load_split("genbiaseval", "train"), args.n_train)
     dev = load_split("genbiaseval", "dev")
     masks = {"module": lambda: mask_from_labels(lm.hf, [args.module]),
              "neuron": lambda: mask_from_labels(lm.hf, neuron_scale(lm, [s["prompt"] for s in train],
                                                                     args.module).top_labels(4096))}
     for spec in args.specs:
         scale, loss, lr, mw = spec.split(":")
-        cfg = FinetuneConfig(loss=loss, lr=float(lr), epochs=args.epochs, batch_size=32, eval_every=1, patience=8,
+        cfg = FinetuneConfig(loss=loss, lr=float(lr), epochs=args.epochs, batch_size=32, eval_every=args.eval_every,
+                             patience=args.patience, optimizer=args.optimizer,
                              dev_limit=64, retention_limit=48, dev_metric="afgb_renorm", mass_weight=float(mw),
                              mass_floor=0.9)
         t = time.time()

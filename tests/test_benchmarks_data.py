@@ -16,6 +16,7 @@ from bias_lens.benchmarks.datasets import check_suite
 EXPECTED_SIZES = {
     "genbiaspro-cg": {"train": 1280, "dev": 256, "test": 1024},
     "genbiaseval": {"train": 1026, "dev": 513, "test": 1026},
+    "genbiaseval-heldout": {"train": 684, "dev": 342, "test": 342},
     "genhinteval": {"train": 342, "dev": 171, "test": 342},
     "dama": {"train": 1925, "dev": 484, "test": 1111},
     "dama-filtered": {"train": 1199, "dev": 594, "test": 1221},
@@ -127,6 +128,21 @@ def test_genbiaseval_templates_and_scales():
     assert counts == {"word": 3, "phrase": 3, "sentence": 3}
     assert all(r["prompt"] == r["template"].format(profession=r["profession"]) for r in rows)
     assert all(r["prompt"].startswith("The ") and r["prompt"].endswith(" because") for r in rows)
+
+
+def test_genbiaseval_heldout_holds_out_templates_and_professions():
+    split = {sp: load_split("genbiaseval-heldout", sp) for sp in ("train", "dev", "test")}
+    fit = split["train"] + split["dev"]
+    seen_t, test_t = {r["template"] for r in fit}, {r["template"] for r in split["test"]}
+    assert len(seen_t) == 6 and len(test_t) == 3 and not seen_t & test_t
+    # one held-out template per scale, and it is the last action of each scale
+    assert sorted(r["scale"] for r in {r["template"]: r for r in split["test"]}.values()) == ["phrase", "sentence", "word"]
+    assert {t.removeprefix("The {profession} ").removesuffix(" because") for t in test_t} == set(generated.HELDOUT_ACTIONS)
+    assert not {r["profession"] for r in fit} & {r["profession"] for r in split["test"]}
+    # the same samples as GenBiasEval's splits, filtered (same professions per split, same order)
+    full = {sp: load_split("genbiaseval", sp) for sp in ("train", "dev", "test")}
+    assert split["train"] == [r for r in full["train"] if r["template"] in seen_t]
+    assert split["test"] == [r for r in full["test"] if r["template"] in test_t]
 
 
 def test_genhinteval_hints_both_genders():

@@ -21,9 +21,9 @@ SUITES: tuple[str, ...] = (
     "genbiaspro-cg", "genbiaseval", "genhinteval", "dama", "stereoset", "crows-pairs",
     "winogender", "winobias", "retention",
 )
-#: also offered, not in ``--suite all``: a religion axis, the DAMA variant split, the whole official StereoSet dev,
+#: also offered, not in ``--suite all``: a religion axis, the DAMA variant split, GenBiasEval with held-out templates, the whole official StereoSet dev,
 #: CommonWords (the interpretable-neuron-editing paper's design, rebuilt: docs/neuron_editing.md)
-EXTRA_SUITES: tuple[str, ...] = ("religion", "dama-filtered", "stereoset-intra", "stereoset-inter", "commonwords")
+EXTRA_SUITES: tuple[str, ...] = ("religion", "dama-filtered", "genbiaseval-heldout", "stereoset-intra", "stereoset-inter", "commonwords")
 #: general-capability suites (:mod:`.capability`); gsm8k and humaneval are opt-in and slow
 CAPABILITY_SUITES: tuple[str, ...] = ("mmlu", "arithmetic", "perplexity", "gsm8k", "humaneval")
 #: every suite name ``evaluate`` accepts
@@ -34,6 +34,7 @@ EVALUATE_ALL = SUITES + ("religion",)
 _GENERATED: dict[str, Callable[[int], dict[str, list[dict]]]] = {
     "genbiaspro-cg": generated.build_genbiaspro_cg,
     "genbiaseval": generated.build_genbiaseval,
+    "genbiaseval-heldout": generated.build_genbiaseval_heldout,
     "genhinteval": generated.build_genhinteval,
     "dama": generated.build_dama,
     "dama-filtered": generated.build_dama_filtered,

@@ -168,6 +168,22 @@ def build_genbiaseval(seed: int = DEFAULT_SEED) -> dict[str, list[dict]]:
     return _assign(samples, (2, 1, 2), seed)
 
 
+#: the templates GenBiasEval-heldout keeps out of train/dev: the last action of each scale
+HELDOUT_ACTIONS: tuple[str, ...] = tuple(actions[-1] for actions in GBE_ACTIONS.values())
+
+
+def build_genbiaseval_heldout(seed: int = DEFAULT_SEED) -> dict[str, list[dict]]:
+    """GenBiasEval with whole templates held out as well as professions: train/dev keep the 6
+    templates of the first two actions of each scale, test keeps only the 3 :data:`HELDOUT_ACTIONS`
+    templates (one per scale). The profession split is GenBiasEval's, so an edit trained here is
+    tested on professions *and* sentence frames it never saw (114 x 3 = 342 test prompts)."""
+    held = {"The {profession} " + a + " because" for a in HELDOUT_ACTIONS}
+    out = build_genbiaseval(seed)
+    return {"train": [s for s in out["train"] if s["template"] not in held],
+            "dev": [s for s in out["dev"] if s["template"] not in held],
+            "test": [s for s in out["test"] if s["template"] in held]}
+
+
 # ----------------------------------------------------------------------------- GenHintEval
 
 GHE_TEMPLATES = (

@@ -78,7 +78,7 @@ def _profession(lm, suite, rows, words, batch_size, progress, multi_token=False)
     p = _probs(lm, rows, words, batch_size, progress, multi_token)
     real = np.array([[r["f_he"], r["f_she"]] for r in rows])
     m = {**gap_metrics(p, real), "mean_p_male": float(p[:, 0].mean()), "mean_p_female": float(p[:, 1].mean())}
-    if suite == "genbiaseval":
+    if suite in ("genbiaseval", "genbiaseval-heldout"):
         for scale in ("word", "phrase", "sentence"):
             sel = np.array([r["scale"] == scale for r in rows])
             if sel.any():
@@ -165,7 +165,7 @@ def _winobias(lm, rows, opts, batch_size, progress):
     return m, details
 
 
-PROFESSION_SUITES = ("genbiaspro-cg", "genbiaseval", "genhinteval", "dama", "dama-filtered")
+PROFESSION_SUITES = ("genbiaspro-cg", "genbiaseval", "genbiaseval-heldout", "genhinteval", "dama", "dama-filtered")
 STEREOSET_SUITES = ("stereoset", "stereoset-intra", "stereoset-inter")
 
 

@@ -99,9 +99,17 @@ def _add_method_args(p: argparse.ArgumentParser, modes: tuple[str, ...], hint_lo
     p.add_argument("--dama-update", choices=("iterative", "mixed"), default=None,
                    help="--method dama: per-layer targets (iterative, the reference default) or computed once (mixed)")
     p.add_argument("--max-requests", type=int, default=None, help="--method dama: train prompts used (default: all)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="--method equalise: share of each train prompt's he/she log-odds to remove (default 1)")
+    p.add_argument("--ridge", type=float, default=None,
+                   help="--method equalise: ridge of the closed-form solve, relative (default 0.03, chosen on dev; docs/equalise.md)")
+    p.add_argument("--n-iter", type=int, default=None, help="--method equalise: re-linearisations (default 1)")
+    p.add_argument("--no-hint-rows", action="store_true",
+                   help="--method equalise: do not keep the hinted GenHintEval prompts' log-odds (UB)")
 
 
-METHODS = ("msme", "lftf", "mask", "contrastive", "fpft", "prompt", "dama")
+METHODS = ("msme", "lftf", "mask", "contrastive", "fpft", "prompt", "dama", "equalise")
+EQUALISE_FLAGS = {"gamma": "gamma", "ridge": "ridge", "n_iter": "n_iter"}
 DAMA_FLAGS = {"null_dim": "null_dim", "dama_layers": "n_layers", "dama_update": "update", "max_requests": "max_requests"}
 #: CLI flag -> field of the method variant (flags left at None keep the variant's own default)
 TRAINING_FLAGS = {"loss": "loss", "lr": "lr", "epochs": "epochs", "max_steps": "max_steps", "eval_every": "eval_every",
@@ -124,7 +132,7 @@ def _refuse(args: argparse.Namespace, flags, method: str, applies: str) -> None:
 
 def _method(args: argparse.Namespace):
     """The method variant of the flags (:mod:`bias_lens.edit.methods`; their defaults apply)."""
-    from ..edit.methods import Contrastive, Dama, Finetune, FullFinetune, HintAnchor, Masking, Prompt
+    from ..edit.methods import Contrastive, Dama, Equalise, Finetune, FullFinetune, HintAnchor, Masking, Prompt
 
     m = args.method
     if m not in ("msme", "lftf"):
@@ -135,6 +143,8 @@ def _method(args: argparse.Namespace):
         _refuse(args, CONTRASTIVE_FLAGS, m, "--method contrastive")
     if m != "dama":
         _refuse(args, DAMA_FLAGS, m, "--method dama")
+    if m != "equalise":
+        _refuse(args, [*EQUALISE_FLAGS, "no_hint_rows"], m, "--method equalise")
     training = _given(args, TRAINING_FLAGS)
     if m in ("msme", "lftf"):
         hint = HintAnchor(**_given(args, HINT_FLAGS)) if args.hint_anchor else None
@@ -150,6 +160,9 @@ def _method(args: argparse.Namespace):
             "the fine-tuning methods (msme, lftf, fpft, contrastive)")
     if m == "dama":
         return Dama(**_given(args, DAMA_FLAGS))
+    if m == "equalise":
+        return Equalise(**_given(args, EQUALISE_FLAGS), keep_hint=not args.no_hint_rows,
+                        **({"retention_limit": args.retention_limit} if args.retention_limit else {}))
     return Masking(args.mask_scale if args.mask_scale is not None else 0.0) if m == "mask" else Prompt()
 
 

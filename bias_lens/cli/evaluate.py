@@ -16,7 +16,7 @@ import sys
 
 from . import UsageError, add_json_arg, add_model_arg
 
-PROFESSION_SUITES = ("genbiaspro-cg", "genbiaseval", "genhinteval", "dama", "dama-filtered")
+from ..benchmarks.runners import PROFESSION_SUITES
 AXIS_SUITES = ("stereoset", "stereoset-intra", "stereoset-inter", "crows-pairs")
 SENTENCE_SUITES = ("stereoset", "stereoset-intra", "stereoset-inter", "crows-pairs", "winobias")
 

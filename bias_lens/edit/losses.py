@@ -21,6 +21,11 @@ it returns the batch mean (a scalar). Names are the keys of :data:`LOSSES`. The 
   ``lftf_no_she`` (``p(he)``). (Its "w/o attention / w/o MLP" ablations are mask changes, see
   :func:`bias_lens.edit.masks.without_attention`.)
 * ``gap`` — ``|p(he) - p(she)|``, the AFGB quantity itself, as a direct alternative.
+* ``equal`` — MSME's stated target ("equal" he/she probabilities) on the renormalised shares:
+  ``KL(u || renorm(p))`` with ``u = (1/2, 1/2)``, i.e. ``-log 2 - (log q_he + log q_she) / 2``,
+  0 exactly at ``q_he = q_she``. Unlike ``msme_align`` (which pulls the shares toward the
+  profession's real-world ``f``, keeping a gap that AFGB-r counts) its minimum is AFGB-r = 0;
+  it says nothing about the mass, so it is paired with ``mass_change`` (the "non-zero" part).
 
 Hint anchors (opt-in, ``FinetuneConfig(hint_weight > 0)``; docs/edit_hint.md). Every bias loss
 above lowers the pronoun mass everywhere, hinted prompts included, so UB-Score collapses with it.
@@ -40,6 +45,7 @@ probabilities ``p0`` (precomputed once, so the anchor is exactly 0 at step 0):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -98,6 +104,13 @@ def gap(p: Float[Tensor, "batch 2"], f: Tensor | None = None) -> Tensor:
     return afgb_t(p)
 
 
+def equal(p: Float[Tensor, "batch 2"], f: Tensor | None = None) -> Tensor:
+    """``KL(u || renorm(p))`` with ``u = (1/2, 1/2)`` averaged over the batch (0 exactly at equal shares)."""
+    _check(p)
+    q = renorm(p).clamp_min(_EPS)
+    return (-math.log(2.0) - 0.5 * torch.log(q).sum(1)).mean()
+
+
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "msme_literal": msme_literal,
     "msme_align": msme_align,
@@ -106,6 +119,7 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "lftf_no_he": lambda p, f=None: lftf(p, he=False),
     "lftf_no_she": lambda p, f=None: lftf(p, she=False),
     "gap": gap,
+    "equal": equal,
 }
 
 

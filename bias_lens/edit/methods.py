@@ -19,6 +19,8 @@ plus one function there.
 * :class:`Contrastive` — a reference fine-tuned toward anti-stereotypical targets over the located
   entries (``reference``), then the top-``k`` ``|θ_ref − θ|`` entries edited by ``mode``/``alpha``.
 * :class:`Prompt` — the PB baseline: a debiasing prefix, no weights.
+* :class:`Equalise` — the closed-form equalising edit of one located matrix (kernel ridge on the
+  linearised he/she log-odds, mass and hinted prompts kept).
 * :class:`Dama` — DAMA's orthogonal projection of a learned gender subspace out of the MLP
   outputs of upper-middle layers (no located mask: DAMA chooses its layers).
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .equalise import EqualiseConfig
 from .finetune import SCALE_LR, FinetuneConfig
 
 if TYPE_CHECKING:
@@ -221,9 +224,35 @@ class Dama:
                           steps=self.steps, max_requests=self.max_requests, seed=seed)
 
 
-Method = Finetune | FullFinetune | Masking | Contrastive | Prompt | Dama
+@dataclass(frozen=True)
+class Equalise:
+    """The closed-form equalising edit of the located weight matrix (:mod:`bias_lens.edit.equalise`):
+    kernel ridge on the linearised he/she log-odds of the train prompts, keeping their pronoun mass
+    and the hinted prompts' log-odds (docs/equalise.md). One matrix: scales module, row or neuron."""
+
+    kind: ClassVar[str] = "equalise"
+    name: ClassVar[str] = "equalise"
+    # defaults are EqualiseConfig's (defined once there)
+    gamma: float = EqualiseConfig.gamma
+    ridge: float = EqualiseConfig.ridge
+    cov_reg: float = EqualiseConfig.cov_reg
+    keep_mass: bool = EqualiseConfig.keep_mass
+    keep_hint: bool = EqualiseConfig.keep_hint
+    n_iter: int | None = EqualiseConfig.n_iter
+    retention_limit: int = EqualiseConfig.retention_limit
+
+    def __post_init__(self) -> None:
+        self.config()
+
+    def config(self) -> EqualiseConfig:
+        """The :class:`~bias_lens.edit.equalise.EqualiseConfig` of this variant."""
+        return EqualiseConfig(gamma=self.gamma, ridge=self.ridge, cov_reg=self.cov_reg, keep_mass=self.keep_mass,
+                              keep_hint=self.keep_hint, n_iter=self.n_iter, retention_limit=self.retention_limit)
+
+
+Method = Finetune | FullFinetune | Masking | Contrastive | Prompt | Dama | Equalise
 #: every variant by its ``kind`` (the JSON key); an Editor variant registers here too
-VARIANTS: dict[str, type] = {c.kind: c for c in (Finetune, FullFinetune, Masking, Contrastive, Prompt, Dama)}
+VARIANTS: dict[str, type] = {c.kind: c for c in (Finetune, FullFinetune, Masking, Contrastive, Prompt, Dama, Equalise)}
 #: methods whose edit does not use a located mask
 MASKLESS = ("fpft", "prompt", "dama")
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..edit.methods import Contrastive, Dama, Finetune, FullFinetune, HintAnchor, Masking, Prompt
+from ..edit.methods import Contrastive, Dama, Equalise, Finetune, FullFinetune, HintAnchor, Masking, Prompt
 from .plan import EditPlan, Where, finetune_plan
 
 #: bump when a stage's output format or meaning changes (invalidates every cached run)
@@ -53,14 +53,20 @@ def full_rows(t: dict[str, Any] = FULL_TRAINING) -> tuple[EditPlan, ...]:
         *(EditPlan(Finetune(loss="msme_align", mass_weight=1.0, dev_metric="afgb_renorm", mass_floor=0.9, epochs=4,
                             eval_every=1, **t), Where(scale), name=f"{scale} (equalise)") for scale in ("module", "neuron")),
         EditPlan(Dama(**DAMA_ROW), name="DAMA"),
+        *EQUALISE_ROWS,
     )
 
 
+#: the closed-form equalising edit (edit/equalise.py; docs/equalise.md) of the located FFN down projection
+#: (module) and of its located 4,096 entries (neuron), trained on the run's train prompts + GenHintEval train
+EQUALISE_ROWS = tuple(EditPlan(Equalise(), Where(scale), name=f"{scale} (closed form)") for scale in ("module", "neuron"))
+
+
 def quick_rows(t: dict[str, Any] = QUICK_TRAINING) -> tuple[EditPlan, ...]:
-    """The quick preset's four rows."""
+    """The quick preset's five rows (the last: the closed-form module edit, which passes the export rule)."""
     return (EditPlan(Prompt(), name="PB"), finetune_plan("msme", "module", "module (MSME)", **t),
             finetune_plan("lftf", "neuron", "neuron (LFTF)", **t),
-            EditPlan(Masking(), Where("attribution"), name="attribution masking"))
+            EditPlan(Masking(), Where("attribution"), name="attribution masking"), EQUALISE_ROWS[0])
 
 
 FULL_ROWS = full_rows()

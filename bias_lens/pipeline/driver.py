@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..edit.edits import Edit, EditHandle
 from ..edit.masks import ParamMask
-from ..edit.methods import Contrastive, Dama, Finetune, FullFinetune, Masking, Prompt
+from ..edit.methods import Contrastive, Dama, Equalise, Finetune, FullFinetune, Masking, Prompt
 from .measure import measure
 from .plan import EditPlan
 
@@ -104,9 +104,13 @@ def _layers(lm, prompts, plan):
 
 
 def _modules(lm, prompts, plan):
+    """The module scan; the closed-form equalise edit ranks only FFN down projections (its
+    last-position linearisation is a single matrix's, docs/equalise.md)."""
     from ..locate.modules import module_scale
+    from .locate_stage import restrict_modules
 
-    return module_scale(lm, prompts)
+    res = module_scale(lm, prompts)
+    return restrict_modules(res, ("mlp.down",)) if isinstance(plan.method, Equalise) else res
 
 
 def _rows(lm, prompts, plan):
@@ -116,9 +120,17 @@ def _rows(lm, prompts, plan):
 
 
 def _neurons(lm, prompts, plan):
+    """MSME Eq. 5 entries of the top module; for the closed-form equalise edit, the entries of that
+    module with the largest share of its whole-matrix solution (:func:`~bias_lens.edit.equalise.solution_entries`)."""
+    from ..edit.equalise import solution_entries
     from ..locate.gradients import neuron_scale
 
-    return neuron_scale(lm, prompts, _top_module(lm, prompts))
+    module = _top_module(lm, prompts)
+    if isinstance(plan.method, Equalise):
+        hint = hint_samples(plan)[0] if plan.method.keep_hint else None
+        return solution_entries(lm, module, [{"prompt": p} for p in prompts], k=plan.where.k_eff, hint=hint,
+                                config=plan.method.config())
+    return neuron_scale(lm, prompts, module)
 
 
 def _top_module(lm, prompts) -> str:
@@ -214,9 +226,17 @@ def _dama(lm, m: Dama, mask: ParamMask | None, data: EditData) -> tuple[Edit, di
                   "per_layer": edit.meta.get("per_layer")}
 
 
+def _equalise(lm, m: Equalise, mask: ParamMask | None, data: EditData) -> tuple[Edit, dict[str, Any]]:
+    from ..edit.equalise import equalise_edit
+
+    hint = hint_samples(data.plan)[0] if m.keep_hint else None
+    edit = equalise_edit(lm, mask, data.train, hint=hint, config=m.config(), method=f"equalise({data.plan.scale})")
+    return edit, {"config": edit.meta["config"]}
+
+
 #: method variant -> the function computing its Edit (model unchanged on return) and run information
 COMPUTE: dict[type, Callable] = {Finetune: _finetune, FullFinetune: _finetune, Masking: _masking,
-                                 Contrastive: _contrastive, Dama: _dama}
+                                 Contrastive: _contrastive, Dama: _dama, Equalise: _equalise}
 
 
 def compute_edit(lm: LensModel, plan: EditPlan, mask: ParamMask | None, train: list[dict],

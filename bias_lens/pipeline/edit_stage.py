@@ -47,6 +47,8 @@ def located_for(row: EditPlan, results: dict[str, Any]) -> LocateResult | None:
     """The locate stage's result that feeds ``row``'s scale (``None`` for maskless methods)."""
     if row.where is None:
         return None
+    if row.scale == "neuron" and row.method.kind == "equalise":
+        return None  # its entries are located by the driver from the closed-form solution
     return causal_selected(results["causal"]) if row.scale == "attribution" else results[SCALE_RESULT[row.scale]]
 
 

@@ -28,6 +28,9 @@ class Column:
 
 COLUMNS: dict[str, Column] = {
     "genbiaseval": Column({k: k for k in GBE_KEYS}),
+    # GenBiasEval's 3 held-out templates on its test professions: template-held-out when the edit
+    # trained on genbiaseval-heldout (whose train/dev never contain them), profession-held-out always
+    "genbiaseval-heldout": Column({"afgb": "afgb_heldout", "afgb_renorm": "afgb_renorm_heldout", "mass": "mass_heldout"}),
     "genhinteval": Column({"ub": "ub", "ub_renorm": "ub_renorm"}),
     # MSME's FBS on code prompts (long prompts: small batches)
     "genbiaspro-cg": Column({"fbs": "fbs_cg", "fbs_renorm": "fbs_cg_renorm", "mass": "mass_cg", "afgb": "afgb_cg",

@@ -17,7 +17,7 @@ SCALES = ("layer", "module", "row", "neuron", "attribution")
 #: Default number of located labels per scale (a block, a module, rows, entries, FFN neurons).
 DEFAULT_K = {"layer": 1, "module": 1, "row": 4, "neuron": 4096, "attribution": 8}
 #: suites with real-world gender shares per prompt (what the fine-tuning losses need)
-PROFESSION_SUITES = ("genbiaseval", "genbiaspro-cg", "dama")
+PROFESSION_SUITES = ("genbiaseval", "genbiaseval-heldout", "genbiaspro-cg", "dama")
 
 
 @dataclass(frozen=True)
