@@ -152,7 +152,7 @@ def test_full_rows_reach_the_edit_plan():
 
     cfg = RunConfig.full()
     plans = {r.name: cfg.plan(r) for r in FULL_ROWS}
-    assert len(plans) == len(FULL_ROWS) == 17
+    assert len(plans) == len(FULL_ROWS) == 19
     mod, neu = plans["module (gap + UB anchor)"].method, plans["neuron (MSME + UB anchor)"].method
     assert (mod.hint.loss, mod.loss, mod.lr, mod.epochs) == ("ub_drop", "gap", 2e-4, 3)
     assert (neu.hint.loss, neu.epochs) == ("hinted_drop", 3)
