@@ -12,8 +12,8 @@ import torch
 
 from bias_lens.benchmarks import load_split
 from bias_lens.edit.edits import bits
-from bias_lens.edit.equalise import (EqualiseConfig, equalise_edit, input_moment, linearise, solve_dense,
-                                     solve_entries)
+from bias_lens.edit.equalise import (EqualiseConfig, equalise_edit, input_moment, linearise, solution_entries,
+                                     solve_dense, solve_entries)
 from bias_lens.edit.masks import ParamMask, mask_from_labels
 from bias_lens.edit.measure import dev_probs, he_she
 
@@ -109,8 +109,9 @@ def test_input_moment_is_mean_outer_product_over_real_tokens(tiny_llama):
     assert torch.allclose(c, k.T @ k / len(k), atol=1e-9)
 
 
-def test_edit_equalises_train_prompts_keeps_mass_and_model(tiny_llama):
-    lm = tiny_llama
+def test_edit_equalises_train_prompts_keeps_mass_and_model(tiny):
+    """Every architecture; GPT-2's c_proj has a bias, solved as one more input column of ones."""
+    lm = tiny
     mask, pname, _ = _last_down(lm)
     train = load_split("genbiaseval", "train")[:12]
     before = _state(lm)
@@ -118,11 +119,11 @@ def test_edit_equalises_train_prompts_keeps_mass_and_model(tiny_llama):
     edit = equalise_edit(lm, mask, train, retention=["The capital of France is Paris ."],
                          config=EqualiseConfig(ridge=1e-6, n_iter=3))
     assert _same(before, _state(lm))  # computing it changes nothing
-    assert set(edit.indices) == {pname} and len(edit.indices[pname]) == mask.size
+    assert set(edit.indices) == set(mask.names) and sum(len(i) for i in edit.indices.values()) == mask.size
     with edit.applied(lm.hf):
         p1 = dev_probs(lm, [s["prompt"] for s in train])
         changed = {n for n, p in lm.hf.named_parameters() if not torch.equal(bits(p.detach()), bits(before[n]))}
-    assert changed == {pname}
+    assert changed == set(mask.names) and pname in changed
     gap0, gap1 = (p0[:, 0].log() - p0[:, 1].log()).abs(), (p1[:, 0].log() - p1[:, 1].log()).abs()
     assert float(gap1.max()) < 0.05 * float(gap0.mean())  # equal shares on the train prompts
     assert torch.allclose(p1.sum(1).log(), p0.sum(1).log(), atol=0.02)  # mass kept ("non-zero")
@@ -147,6 +148,56 @@ def test_entry_mask_changes_only_its_entries_and_hint_rows_hold(tiny_llama):
     assert not bool(diff[~flat].any()) and int(diff.sum()) > 0
     d0, d1 = ph0[:, 0].log() - ph0[:, 1].log(), ph1[:, 0].log() - ph1[:, 1].log()
     assert torch.allclose(d1, d0, atol=0.05)  # the hinted prompts keep their log-odds
+
+
+def test_solution_entries_are_the_top_shares_of_the_dense_edit_in_any_layout(tiny):
+    """Oracle: the dense edit's own change, read back through the labels' mask in the stored layout
+    (``[in, out]`` for GPT-2's Conv1D), scored by |dW| x rms(input) by hand; the top-k agree."""
+    lm = tiny
+    mask, pname, module = _last_down(lm)
+    train, texts = load_split("genbiaseval", "train")[:10], ["The river runs past the old mill .", "Cats sleep ."]
+    cfg = EqualiseConfig(ridge=0.1, n_iter=1)
+    edit = equalise_edit(lm, mask, train, retention=texts, config=cfg)
+    w = module.weight.detach()
+    dw = (edit.values[pname].double() - w.reshape(-1)[edit.indices[pname]].double()).view(w.shape)
+    out_in = dw.T if type(module).__name__ == "Conv1D" else dw
+    rms = input_moment(lm, module, texts).diagonal().sqrt()
+    hand = out_in.abs() * rms[None, :]
+    k = 25
+    res = solution_entries(lm, f"L{lm.n_layers - 1}.mlp.down", train, k=k, retention=texts, config=cfg)
+    assert len(res.labels) == k and res.method == "equalise_entries"
+    got = mask_from_labels(lm.hf, list(res.labels)).masks[pname]  # stored layout
+    want = torch.zeros(hand.numel(), dtype=torch.bool)
+    want[hand.reshape(-1).topk(k).indices] = True
+    want = want.view(hand.shape)
+    assert torch.equal(got, want.T if type(module).__name__ == "Conv1D" else want)
+    assert torch.allclose(res.scores.double(), hand.reshape(-1).topk(k).values, rtol=1e-4)
+
+
+def test_driver_neuron_scale_edits_the_solution_entries(tiny_llama):
+    """The neuron closed-form row: located entries = solution_entries of the driver's top module,
+    the edit changes only those entries, and it equalises the train prompts more than nothing."""
+    from bias_lens.edit.methods import Equalise
+    from bias_lens.pipeline.driver import apply_plan
+    from bias_lens.pipeline.plan import EditPlan, Where
+
+    lm = tiny_llama
+    before = _state(lm)
+    run = apply_plan(lm, EditPlan(Equalise(ridge=0.05), Where("neuron", k=200), n_samples=16), limits={"genbiaseval": 16})
+    try:
+        labels = run.located.top_labels(200)
+        assert run.located.method == "equalise_entries" and run.record.labels == labels[:50]
+        assert len(labels) == 200 and all("mlp.down/row" in lab and "/col" in lab for lab in labels)
+        module = labels[0].split("/")[0]
+        assert all(lab.startswith(module + "/") for lab in labels)
+        allowed = mask_from_labels(lm.hf, labels)
+        for n, p in lm.hf.named_parameters():
+            diff = ~torch.eq(bits(p.detach()), bits(before[n]))
+            assert not bool(diff[~allowed.masks[n]].any()) if n in allowed.masks else not bool(diff.any())
+        assert 0 < run.record.n_changed <= 200
+    finally:
+        run.handle.undo()
+    assert _same(before, _state(lm))
 
 
 def test_bad_input_is_refused_unchanged(tiny_llama):

@@ -161,7 +161,7 @@ def test_causal_scores_unchanged_by_unification(tiny_llama):
     res = causal_selection(tiny_llama, cands, PROMPTS, ts, k=3, max_ppl_increase=0.5, max_rows=12)
     old = torch.tensor(OLD_LLAMA_DELTAS, dtype=torch.float64)
     assert torch.allclose(res.scores, old, rtol=0, atol=1e-10)
-    assert res.extras["afgb_base"] == pytest.approx(0.00024466463970634694, abs=1e-12)
+    assert res.extras["afgb_base"] == pytest.approx(0.00024466463970634694, abs=1e-10)  # as the deltas: float32 forwards differ by ~1e-12 across CPUs
     assert res.extras["selected"] == ["L0N90", "L2N5", "L0N3"]
     assert res.extras["retention"] == "retention_sentences[:8],bos"
 

@@ -16,7 +16,6 @@ import sys
 
 from . import UsageError, add_json_arg, add_model_arg
 
-from ..benchmarks.runners import PROFESSION_SUITES
 AXIS_SUITES = ("stereoset", "stereoset-intra", "stereoset-inter", "crows-pairs")
 SENTENCE_SUITES = ("stereoset", "stereoset-intra", "stereoset-inter", "crows-pairs", "winobias")
 
@@ -97,6 +96,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def _check_targets(args: argparse.Namespace) -> None:
+    from ..benchmarks.runners import PROFESSION_SUITES  # lazy: --help must not import torch
     from ..targets import parse_words
 
     if args.targets is None:
@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate the model on the requested suites and print (or write) the metrics; returns the exit status."""
     plan = _plan(args)
     from ..benchmarks import evaluate
+    from ..benchmarks.runners import PROFESSION_SUITES
     from ..io import atomic_write_bytes
     from ..lens import load_model
     from ..targets import parse_words

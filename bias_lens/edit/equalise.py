@@ -83,29 +83,40 @@ class Linearised:
     logm: Float[Tensor, " n"]
 
 
-def _module_of(lm, mask: ParamMask) -> tuple[str, torch.nn.Module, bool]:
-    """The one masked weight, its module, and whether it is stored ``[in, out]`` (GPT-2 Conv1D)."""
+def _module_of(lm, mask: ParamMask) -> tuple[str, torch.nn.Module, bool, str | None]:
+    """The one masked weight, its module, whether it is stored ``[in, out]`` (GPT-2 Conv1D), and the
+    module's bias when the mask covers it too (it is solved as one more input column, constant 1)."""
     names = mask.names
-    if len(names) != 1 or not names[0].endswith(".weight"):
+    weights = [n for n in names if n.endswith(".weight")]
+    prefix = weights[0].removesuffix(".weight") if len(weights) == 1 else None
+    if prefix is None or any(n not in (f"{prefix}.weight", f"{prefix}.bias") for n in names):
         raise ValueError(f"equalise edits one weight matrix; the mask covers {names[:4]}: use --scale module, row or "
                          "neuron (one module), not layer")
-    name = names[0]
-    module = lm.hf.get_submodule(name.removesuffix(".weight"))
+    module = lm.hf.get_submodule(prefix)
     if module.weight.ndim != 2:
-        raise ValueError(f"equalise needs a 2-D weight, {name} has shape {tuple(module.weight.shape)}")
-    return name, module, layouts(lm.hf)[name] == "in_out"
+        raise ValueError(f"equalise needs a 2-D weight, {weights[0]} has shape {tuple(module.weight.shape)}")
+    bias = f"{prefix}.bias" if f"{prefix}.bias" in names else None
+    return weights[0], module, layouts(lm.hf)[weights[0]] == "in_out", bias
 
 
-def linearise(lm: LensModel, module: torch.nn.Module, prompts: Sequence[str], tid: Tensor, batch_size: int = 32) -> Linearised:
+def _input(args, ones: bool) -> Tensor:
+    """The module's input, with a constant-1 column appended when its bias is edited."""
+    k = args[0].detach()
+    return torch.cat([k, torch.ones_like(k[..., :1])], -1) if ones else k
+
+
+def linearise(lm: LensModel, module: torch.nn.Module, prompts: Sequence[str], tid: Tensor, batch_size: int = 32,
+              ones: bool = False) -> Linearised:
     """:class:`Linearised` of ``prompts``: one forward + two gradient reads per batch. The module's
-    output is replaced by a leaf tensor, so gradients flow only downstream of it."""
+    output is replaced by a leaf tensor, so gradients flow only downstream of it. ``ones``: append a
+    constant-1 input column (the bias)."""
     from ..hooks import module_hooks
     from ..scoring import iter_batches, last_logits
 
     store: dict[str, Tensor] = {}
 
     def hook(mod, args, kwargs, out):
-        store["k"] = args[0].detach()
+        store["k"] = _input(args, ones)
         store["o"] = out.detach().requires_grad_(True)
         return store["o"]
 
@@ -123,15 +134,17 @@ def linearise(lm: LensModel, module: torch.nn.Module, prompts: Sequence[str], ti
     return Linearised(**{k: torch.cat(v) for k, v in parts.items()})
 
 
-def input_moment(lm: LensModel, module: torch.nn.Module, texts: Sequence[str], batch_size: int = 16) -> Float[Tensor, "d_in d_in"]:
-    """``E[k k^T]`` of the module's input over every real token of ``texts`` (float64)."""
+def input_moment(lm: LensModel, module: torch.nn.Module, texts: Sequence[str], batch_size: int = 16,
+                 ones: bool = False) -> Float[Tensor, "d_in d_in"]:
+    """``E[k k^T]`` of the module's input over every real token of ``texts`` (float64; ``ones``: with
+    a constant-1 column appended, so the last row is ``E[k]``)."""
     from ..hooks import module_hooks
     from ..scoring import iter_batches
 
     acc: dict[str, Tensor] = {}
 
     def hook(mod, args, kwargs, out):
-        k = args[0].detach().double()[acc["mask"]]
+        k = _input(args, ones).double()[acc["mask"]]
         acc["s"] = acc.get("s", 0) + k.T @ k
         acc["n"] = acc.get("n", 0) + len(k)
 
@@ -179,6 +192,86 @@ def _entry_coords(idx: Tensor, shape: tuple[int, int], transposed: bool) -> tupl
     return (b, a) if transposed else (a, b)
 
 
+@dataclass
+class _Problem:
+    """What every solve of one matrix shares: the weight, its entries, the prompts, the input moment."""
+
+    name: str
+    module: torch.nn.Module
+    bias: str | None  # the module's bias name when it is edited too (input column d_in, constant 1)
+    idx: Tensor  # flat stored indices of the edited weight entries
+    bias_idx: Tensor  # indices of the edited bias entries (empty without a bias)
+    rows: Tensor  # output row of each edited entry (weight entries, then bias entries)
+    cols: Tensor  # input column of each (d_in for the bias)
+    tid: Tensor  # he, she first-token ids
+    sets: list  # [neutral prompts, hinted prompts or None]
+    moment: Float[Tensor, "d_in d_in"]  # E[k k^T] on the retention texts (unregularised)
+
+    @property
+    def dense(self) -> bool:
+        w, b = self.module.weight, (self.module.bias if self.bias else None)
+        return len(self.idx) == w.numel() and (b is None or len(self.bias_idx) == b.numel())
+
+    def base(self) -> Float[Tensor, " entries"]:
+        """Current values of the edited entries (float64, the order of ``rows``)."""
+        w = self.module.weight.detach().reshape(-1)[self.idx.to(self.module.weight.device)]
+        b = self.module.bias.detach()[self.bias_idx.to(w.device)] if self.bias else w[:0]
+        return torch.cat([w, b]).double().cpu()
+
+    def edit(self, lm, vals: Tensor, method: str = "equalise", meta: dict | None = None) -> Edit:
+        """The :class:`Edit` setting the entries to ``vals`` (the order of ``rows``)."""
+        names = [(self.name, self.module.weight, self.idx)]
+        names += [(self.bias, self.module.bias, self.bias_idx)] if self.bias else []
+        lay, parts = layouts(lm.hf), vals.split([len(self.idx), len(self.bias_idx)])
+        return Edit({n: i for n, _, i in names}, {n: v.to(p.dtype) for (n, p, _), v in zip(names, parts)},
+                    {n: tuple(p.shape) for n, p, _ in names}, {n: p.dtype for n, p, _ in names},
+                    {n: lay[n] for n, _, _ in names}, method, meta or {})
+
+
+def _problem(lm, mask: ParamMask, train, hint, retention, cfg: EqualiseConfig) -> _Problem:
+    from .measure import he_she, retention_texts
+
+    if not train:
+        raise ValueError("no training samples given")
+    mask.check(lm.hf)
+    name, module, transposed, bias = _module_of(lm, mask)
+    idx = mask.indices(name).cpu()
+    rows, cols = _entry_coords(idx, tuple(module.weight.shape), transposed)
+    bias_idx = mask.indices(bias).cpu() if bias else idx[:0]
+    d_in = module.weight.shape[0 if transposed else 1]
+    rows, cols = torch.cat([rows, bias_idx]), torch.cat([cols, torch.full_like(bias_idx, d_in)])
+    moment = input_moment(lm, module, retention if retention is not None else retention_texts(cfg.retention_limit),
+                          ones=bias is not None)
+    sets = [[s["prompt"] for s in train], [s["prompt"] for s in hint] if (cfg.keep_hint and hint) else None]
+    return _Problem(name, module, bias, idx, bias_idx, rows, cols, torch.as_tensor(he_she(lm).first_ids), sets, moment)
+
+
+def _solve(lm, pb: _Problem, cfg: EqualiseConfig, n_iter: int) -> Float[Tensor, " entries"]:
+    """The change of ``pb``'s entries (float64) after ``n_iter`` linearise-and-solve rounds."""
+    c = pb.moment + cfg.cov_reg * float(pb.moment.diagonal().mean()) * torch.eye(len(pb.moment), dtype=pb.moment.dtype)
+    c_inv = torch.linalg.inv(c) if pb.dense else None
+    ones = pb.bias is not None
+    lin = lambda: [linearise(lm, pb.module, p, pb.tid, cfg.batch_size, ones) if p else None for p in pb.sets]  # noqa: E731
+    ref, base = lin(), pb.base()
+    delta = torch.zeros_like(base)
+    for it in range(n_iter):
+        if it:
+            with pb.edit(lm, base + delta).applied(lm.hf):
+                cur = lin()
+        else:
+            cur = ref
+        u, k, t = _rows(cur, ref, cfg)
+        step = (solve_dense(u, k, t, c_inv, cfg.ridge)[pb.rows, pb.cols] if pb.dense
+                else solve_entries(u, k, t, pb.rows, pb.cols, c.diagonal(), cfg.ridge))
+        if not torch.isfinite(step).all():
+            raise RuntimeError(f"the equalise solve gave non-finite values at iteration {it}; the model is unchanged "
+                               "(raise --ridge)")
+        delta = delta + step
+        log.info("equalise iteration %d: |delta| %.4f over %d entries (%d constraint rows)", it, float(delta.norm()),
+                 len(base), len(t))
+    return delta
+
+
 def equalise_edit(lm: LensModel, mask: ParamMask, train: Sequence[dict], *, hint: Sequence[dict] | None = None,
                   retention: Sequence[str] | None = None, config: EqualiseConfig | None = None,
                   method: str = "equalise") -> Edit:
@@ -187,76 +280,38 @@ def equalise_edit(lm: LensModel, mask: ParamMask, train: Sequence[dict], *, hint
     ``train``: neutral prompts (``prompt``); ``hint``: GenHintEval samples whose log-odds are kept
     (``cfg.keep_hint``); ``retention``: texts for ``C`` (default: the benchmark's first
     ``cfg.retention_limit`` sentences). The model is unchanged on return."""
-    from .measure import he_she, retention_texts
-
     cfg = config or EqualiseConfig()
-    if not train:
-        raise ValueError("no training samples given")
-    mask.check(lm.hf)
-    name, module, transposed = _module_of(lm, mask)
-    idx = mask.indices(name)
-    w = module.weight
-    shape = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
-    rows, cols = _entry_coords(idx.cpu(), tuple(w.shape), transposed)
-    dense = len(idx) == w.numel()
-    tid = torch.as_tensor(he_she(lm).first_ids)
-    c = input_moment(lm, module, retention if retention is not None else retention_texts(cfg.retention_limit))
-    c = c + cfg.cov_reg * float(c.diagonal().mean()) * torch.eye(len(c), dtype=c.dtype)
-    c_inv = torch.linalg.inv(c) if dense else None
-    sets = [[s["prompt"] for s in train], [s["prompt"] for s in hint] if (cfg.keep_hint and hint) else None]
-    lin = lambda: [linearise(lm, module, p, tid, cfg.batch_size) if p else None for p in sets]  # noqa: E731
-    ref, delta = lin(), torch.zeros(len(idx), dtype=torch.float64)
-    base = w.detach().reshape(-1)[idx.to(w.device)].double().cpu()
-    n_iter = cfg.n_iter if cfg.n_iter is not None else (1 if dense else 3)
-    for it in range(n_iter):
-        cur = ref if it == 0 else _with(lm, name, idx, base + delta, w, lin)
-        u, k, t = _rows(cur, ref, cfg)
-        step = (solve_dense(u, k, t, c_inv, cfg.ridge)[rows, cols] if dense
-                else solve_entries(u, k, t, rows, cols, c.diagonal(), cfg.ridge))
-        if not torch.isfinite(step).all():
-            raise RuntimeError(f"the equalise solve gave non-finite values at iteration {it}; the model is unchanged "
-                               "(raise --ridge)")
-        delta = delta + step
-        log.info("equalise iteration %d: |delta| %.4f over %d entries (%d constraint rows)", it, float(delta.norm()),
-                 len(idx), len(t))
-    vals = (base + delta).to(w.dtype)
-    return Edit({name: idx.cpu()}, {name: vals}, {name: tuple(w.shape)}, {name: w.dtype},
-                {name: layouts(lm.hf)[name]}, method, {"config": asdict(cfg), "n_iter": n_iter, "shape_out_in": list(shape)})
+    pb = _problem(lm, mask, train, hint, retention, cfg)
+    n_iter = cfg.n_iter if cfg.n_iter is not None else (1 if pb.dense else 3)
+    delta = _solve(lm, pb, cfg, n_iter)
+    w = pb.module.weight
+    shape_out_in = list(w.shape)[::-1] if layouts(lm.hf)[pb.name] == "in_out" else list(w.shape)
+    return pb.edit(lm, pb.base() + delta, method, {"config": asdict(cfg), "n_iter": n_iter, "shape_out_in": shape_out_in,
+                                                   "bias": pb.bias is not None})
 
 
 def solution_entries(lm: LensModel, module: str, train: Sequence[dict], *, k: int = 4096,
                      hint: Sequence[dict] | None = None, retention: Sequence[str] | None = None,
                      config: EqualiseConfig | None = None) -> LocateResult:
     """Locate ``k`` entries of ``module`` (e.g. ``L29.mlp.down``) for an entry-scale equalise edit: the
-    whole-matrix solution ``dW`` (one linear step) scored by each entry's first-order share
+    whole-matrix solution ``dW`` (one linear step, float64) scored by each entry's first-order share
     ``|dW[r, c]| x rms(k_c)`` (``rms`` over the retention tokens). Labels ``{module}/row{r}/col{c}``
-    (``r`` output, ``c`` input). On SmolLM2 these entries keep the mass where MSME's Eq. 5 entries
-    (a few huge-activation input columns) do not (docs/equalise.md)."""
-    from dataclasses import replace
-
+    (``r`` output, ``c`` input, as masks read them in any stored layout). On SmolLM2 these entries
+    keep the mass where MSME's Eq. 5 entries (a few huge-activation input columns) do not
+    (docs/equalise.md)."""
     from ..locate.result import LocateResult
     from .masks import mask_from_labels
-    from .measure import retention_texts
 
-    cfg = replace(config or EqualiseConfig(), n_iter=1)
-    full = mask_from_labels(lm.hf, [module])
-    texts = retention if retention is not None else retention_texts(cfg.retention_limit)
-    edit = equalise_edit(lm, full, train, hint=hint, retention=texts, config=cfg)
-    name, mod, transposed = _module_of(lm, full)
-    w = mod.weight.detach()
-    dw = (edit.values[name].double() - w.reshape(-1)[edit.indices[name]].double()).view(w.shape)
-    dw = dw.T if transposed else dw  # [out, in]
-    score = dw.abs() * input_moment(lm, mod, texts).diagonal().clamp_min(0).sqrt()[None, :]
+    cfg = config or EqualiseConfig()
+    pb = _problem(lm, mask_from_labels(lm.hf, [module]), train, hint, retention, cfg)
+    delta = _solve(lm, pb, cfg, 1)
+    w = pb.module.weight
+    out_in = w.shape[::-1] if layouts(lm.hf)[pb.name] == "in_out" else w.shape
+    dw = torch.zeros(out_in[0], out_in[1] + (pb.bias is not None), dtype=torch.float64)
+    dw[pb.rows, pb.cols] = delta  # [out, in (+ bias)]
+    score = (dw.abs() * pb.moment.diagonal().clamp_min(0).sqrt()[None, :])[:, :out_in[1]]  # weight entries only
     top = score.reshape(-1).topk(min(k, score.numel()))
     r, c = top.indices // score.shape[1], top.indices % score.shape[1]
     labels = [f"{module}/row{int(a)}/col{int(b)}" for a, b in zip(r, c)]
     return LocateResult("equalise_entries", labels, top.values, variant="|dW| x rms(input), one linear step",
                         extras={"module": module}, model=getattr(lm, "name", ""), n_samples=len(train))
-
-
-def _with(lm, name: str, idx: Tensor, vals: Tensor, w: Tensor, fn):
-    """``fn()`` evaluated with ``name``'s entries ``idx`` temporarily set to ``vals``."""
-    edit = Edit({name: idx.cpu()}, {name: vals.to(w.dtype)}, {name: tuple(w.shape)}, {name: w.dtype},
-                {name: layouts(lm.hf)[name]})
-    with edit.applied(lm.hf):
-        return fn()
