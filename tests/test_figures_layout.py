@@ -245,14 +245,22 @@ def test_titles_fit_and_labels_do_not_overlap(name):
     check(FIGURES[name]())
 
 
+def _agreement() -> dict:
+    from bias_lens.pipeline.locate_stage import layer_agreement
+
+    return layer_agreement({"layer": layer_result(), "bmi": bmi_results()[0], "module": module_result()}, 4)
+
+
 def test_pipeline_figures_are_the_plot_builders():
     from bias_lens.pipeline import figures as pf
 
     res, rob = bmi_results()
     figs = dict(pf.locate_figures({"layer": layer_result(), "bmi": res, "bmi_robustness": rob, "module": module_result(),
                                    "row": row_result(), "neuron": entry_result(), "attribution": neuron_result(),
-                                   "heads": head_result(), "circuit": circuit_graph()}))
-    assert set(figs) >= {"layer_scores", "bmi", "module_heatmap", "row_cosines", "neuron_entries", "circuit"}
+                                   "heads": head_result(), "circuit": circuit_graph(),
+                                   "agreement": _agreement()}))
+    assert set(figs) >= {"layer_scores", "bmi", "module_heatmap", "row_cosines", "neuron_entries", "circuit",
+                         "layer_agreement"}
     org, rows = edit_rows(mass=True, renorm=True)
     figs["edits_tradeoff"] = pf.table_figure(org, rows)
     figs["profession_before_after"] = pf.profession_bars(details(1.0), details(0.2), "module (MSME)")

@@ -21,10 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def all_results() -> dict:
+    from bias_lens.pipeline.locate_stage import layer_agreement
+
     res, rob = bmi_results()
-    return {"layer": layer_result(), "layer_cg": layer_result(), "bmi": res, "bmi_robustness": rob, "module": module_result(),
-            "row": row_result(), "neuron": entry_result(), "attribution": neuron_result(), "heads": head_result(),
-            "circuit": circuit_graph()}
+    out = {"layer": layer_result(), "layer_cg": layer_result(), "bmi": res, "bmi_robustness": rob, "module": module_result(),
+           "row": row_result(), "neuron": entry_result(), "attribution": neuron_result(), "heads": head_result(),
+           "circuit": circuit_graph()}
+    out["agreement"] = layer_agreement(out, 4)
+    return out
 
 
 def test_each_figure_is_the_plot_function_on_its_result():
@@ -43,6 +47,7 @@ def test_each_figure_is_the_plot_function_on_its_result():
         "neuron_attribution": pa.neuron_heatmap(r["attribution"]),
         "head_attribution": pa.head_heatmap(r["heads"]),
         "circuit": pc.circuit_figure(CircuitGraph(**r["circuit"])),
+        "layer_agreement": pl.agreement_heatmap(r["agreement"]),
     }
     got = pf.locate_figures(r)
     assert [n for n, _ in got] == list(want)  # report order

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: the results compared layer by layer (:mod:`bias_lens.locate.agreement`), when the run has them
+AGREEMENT_RESULTS = ("layer", "layer_cg", "bmi", "module", "heads", "attribution")
 WEIGHT_MODULES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 
 
@@ -67,7 +69,15 @@ def locate_all(lm: LensModel, cfg: RunConfig, prompts: list[str], dev_prompts: l
     _locate_layers(lm, cfg, prompts, cache, cached, cg_prompts)
     _locate_module(lm, cfg, prompts, cached, out)
     _locate_neurons(lm, cfg, prompts, dev_prompts, cache, cached, step, out)
+    out["agreement"] = layer_agreement(out, lm.n_layers)
     return out
+
+
+def layer_agreement(results: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    """Spearman agreement over layers of the :data:`AGREEMENT_RESULTS` present (a JSON-ready dict)."""
+    from ..locate.agreement import agreement
+
+    return agreement({k: results[k] for k in AGREEMENT_RESULTS if k in results}, n_layers).to_dict()
 
 
 def _layer_pass(lm, prompts: list[str], cache, names: tuple[str, str], batch_size: int) -> None:

@@ -67,7 +67,17 @@ def _locate_summary(results: dict[str, Any]) -> list[str]:
         if name == "causal" and "selected" in r.extras:
             extra = f"; {len(r.extras['selected'])} selected"
         out.append(f"- **{name}** ({r.method}, variant `{r.variant}`, n={r.n_samples}): {top}{extra}")
+    if "agreement" in results:
+        out.append(agreement_line(results["agreement"]))
     return out
+
+
+def agreement_line(a: dict[str, Any]) -> str:
+    """One line: each method's top layer and the Spearman rho of every pair over layers."""
+    m, rho = a["methods"], a["spearman"]
+    pairs = ", ".join(f"{m[i]}~{m[j]} {rho[i][j]:.2f}" for i in range(len(m)) for j in range(i + 1, len(m)))
+    tops = ", ".join(f"{k} L{v}" for k, v in a["top_layer"].items())
+    return f"- **agreement over layers** (Spearman of per-layer {a['reduce']} scores): top layers {tops}; {pairs}"
 
 
 def export_lines(org: dict[str, float], rows: list[dict[str, Any]], best: dict[str, Any] | None,

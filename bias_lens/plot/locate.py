@@ -92,3 +92,15 @@ def module_heatmap(result: LocateResult, *, final: bool = False, title: str | No
     fig.update_layout(xaxis_title="module", yaxis_title="layer")
     return titled(fig, title or f"Module importance at the {where} (MSME Eq. 3)", _who(result),
                   height=max(420, 18 * z.shape[0] + 190))
+
+
+def agreement_heatmap(agreement: dict, *, title: str | None = None) -> go.Figure:
+    """Spearman rho of the locate methods' per-layer scores (an ``Agreement.to_dict()``), with each
+    method's top layer in its axis label: do the locators point at the same layers?"""
+    names = [f"{m} (top L{agreement['top_layer'][m]})" for m in agreement["methods"]]
+    z = agreement["spearman"]
+    fig = go.Figure(go.Heatmap(z=z, x=names, y=names, zmin=-1, zmax=1, colorscale="RdBu", colorbar={"title": "rho"},
+                               text=[[f"{v:.2f}" for v in row] for row in z], texttemplate="%{text}"))
+    fig.update_layout(yaxis_autorange="reversed")
+    return titled(fig, title or "Do the locators agree on the layers? (Spearman over layers)",
+                  f"per-layer score = {agreement['reduce']} |score| over a layer's components", height=560)

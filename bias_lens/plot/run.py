@@ -47,6 +47,7 @@ row_cosines = _drawn_from("row_cosines", "row", pg, "row_cosine_histogram")
 neuron_entries = _drawn_from("neuron_entries", "neuron", pg, "entry_heatmap")
 neuron_attribution = _drawn_from("neuron_attribution", "attribution", pa, "neuron_heatmap")
 head_attribution = _drawn_from("head_attribution", "heads", pa, "head_heatmap")
+layer_agreement = _drawn_from("layer_agreement", "agreement", pl, "agreement_heatmap")
 
 
 def layer_scores_genbiaspro_cg(results: Mapping[str, Any]) -> go.Figure:
