@@ -47,7 +47,10 @@ def render(fig: Path = FIG) -> str:
            "| suite | n | metrics |", "|---|---:|---|"]
     for suite, e in res["evaluate"].items():
         out.append(f"| {suite} | {e['n']} | {_metrics_line(e['metrics'])} |")
-    results = {p.stem: LocateResult.load(p) for p in sorted((fig / "locate").glob("*.json")) if p.stem != "circuit"}
+    results: dict = {p.stem: LocateResult.load(p) for p in sorted((fig / "locate").glob("*.json"))
+                     if p.stem not in ("circuit", "agreement")}
+    if (fig / "locate" / "agreement.json").exists():  # a plain dict (locate.agreement.Agreement.to_dict)
+        results["agreement"] = json.loads((fig / "locate" / "agreement.json").read_text())
     out += ["", "**Located** (200 GenBiasEval train prompts; top 5 per method):", "", *_locate_summary(results), "",
             "**Edited** (train: GenBiasEval train samples, early stopping on dev; every row measured on test "
             "subsets and undone; row limits " + ", ".join(f"{k} {v}" for k, v in meta["config"]["row_limits"].items())

@@ -260,3 +260,28 @@ def test_smollm2_cut_holds_on_held_out_templates(smol):
     r0, r1 = float(afgb_t(p0, renorm=True)), float(afgb_t(p1, renorm=True))
     assert r1 < 0.8 * r0, (r0, r1)
     assert float(mass_t(p1)) >= 0.9 * float(mass_t(p0))
+
+
+def test_main_job_neuron_closed_form_uses_the_located_module(tiny_llama, tmp_path, monkeypatch):
+    """``run_row`` locates the closed-form entries in the locate stage's module (no second module scan)."""
+    from bias_lens.edit.methods import Equalise
+    from bias_lens.locate.result import LocateResult
+    from bias_lens.pipeline import driver
+    from bias_lens.pipeline.cache import StageCache
+    from bias_lens.pipeline.config import RunConfig
+    from bias_lens.pipeline.edit_stage import run_row
+    from bias_lens.pipeline.plan import EditPlan, Where
+
+    def no_scan(*a, **k):
+        raise AssertionError("the module scan ran again")
+
+    monkeypatch.setattr(driver, "_top_module", no_scan)
+    lm = tiny_llama
+    before = _state(lm)
+    cfg = RunConfig.quick_preset(model=lm.hf.config._name_or_path, n_train=8, row_limits={"genbiaseval": 8})
+    results = {"module_edit": LocateResult("module", ["L1.mlp.down", "L2.mlp.down"], torch.tensor([2.0, 1.0]))}
+    rec = run_row(lm, cfg, EditPlan(Equalise(ridge=0.05), Where("neuron", k=64), name="neuron (closed form)"), results,
+                  StageCache(tmp_path / "cache", "k"))
+    assert rec["labels"] and all(lab.startswith("L1.mlp.down/row") for lab in rec["labels"])
+    assert 0 < rec["n_changed"] <= 64
+    assert _same(before, _state(lm))

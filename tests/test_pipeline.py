@@ -196,7 +196,7 @@ def test_quick_preset_is_a_small_subset_of_the_full_run():
     from bias_lens.pipeline.config import EQUALISE_ROWS, FULL_ROWS, QUICK_ROWS
 
     q, f = RunConfig.quick_preset(), RunConfig.full()
-    assert q.rows == QUICK_ROWS and {r.name for r in QUICK_ROWS} <= {r.name for r in FULL_ROWS} and len(QUICK_ROWS) == 5
+    assert q.rows == QUICK_ROWS and {r.name for r in QUICK_ROWS} <= {r.name for r in FULL_ROWS} and len(QUICK_ROWS) == 4
     assert QUICK_ROWS[-1] == EQUALISE_ROWS[0] and set(EQUALISE_ROWS) <= set(FULL_ROWS)
     hinted = [r for r in FULL_ROWS if getattr(r.method, "hint", None) is not None]
     assert not any(getattr(r.method, "hint", None) for r in QUICK_ROWS) and len(hinted) == 2

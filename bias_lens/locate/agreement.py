@@ -38,6 +38,7 @@ class Agreement:
     top_layer: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """JSON-ready form (uncovered layers as ``None``), as the main job writes ``locate/agreement.json``."""
         per = [[None if np.isnan(v) else float(v) for v in row] for row in self.per_layer]
         return {"methods": self.methods, "per_layer": per, "spearman": self.spearman.tolist(),
                 "reduce": self.reduce, "top_layer": self.top_layer}

@@ -119,13 +119,14 @@ def _rows(lm, prompts, plan):
     return row_scale(lm, prompts, _top_module(lm, prompts))
 
 
-def _neurons(lm, prompts, plan):
-    """MSME Eq. 5 entries of the top module; for the closed-form equalise edit, the entries of that
-    module with the largest share of its whole-matrix solution (:func:`~bias_lens.edit.equalise.solution_entries`)."""
+def _neurons(lm, prompts, plan, module: str | None = None):
+    """MSME Eq. 5 entries of ``module`` (default: the top module of a module scan on ``prompts``); for
+    the closed-form equalise edit, the entries of that module with the largest share of its
+    whole-matrix solution (:func:`~bias_lens.edit.equalise.solution_entries`)."""
     from ..edit.equalise import solution_entries
     from ..locate.gradients import neuron_scale
 
-    module = _top_module(lm, prompts)
+    module = module or _top_module(lm, prompts)
     if isinstance(plan.method, Equalise):
         hint = hint_samples(plan)[0] if plan.method.keep_hint else None
         return solution_entries(lm, module, [{"prompt": p} for p in prompts], k=plan.where.k_eff, hint=hint,
@@ -139,6 +140,15 @@ def _top_module(lm, prompts) -> str:
     from .locate_stage import restrict_modules
 
     return restrict_modules(module_scale(lm, prompts), ("mlp.down",)).top_labels(1)[0]
+
+
+def entries_of(module: str) -> Callable:
+    """A ``locate_fn`` for :func:`apply_plan`: the neuron-scale entries of an already located
+    ``module`` (the main job passes its module scan's top, instead of scanning again)."""
+    def locate_entries(lm, plan: EditPlan, train: list[dict]) -> LocateResult:
+        return _neurons(lm, [s["prompt"] for s in train], plan, module)
+
+    return locate_entries
 
 
 #: scale -> locator on the train prompts (when no locate result is given)

@@ -48,7 +48,7 @@ def located_for(row: EditPlan, results: dict[str, Any]) -> LocateResult | None:
     if row.where is None:
         return None
     if row.scale == "neuron" and row.method.kind == "equalise":
-        return None  # its entries are located by the driver from the closed-form solution
+        return None  # its entries are located from the closed-form solution in the module scan's top (run_row)
     return causal_selected(results["causal"]) if row.scale == "attribution" else results[SCALE_RESULT[row.scale]]
 
 
@@ -62,8 +62,14 @@ def run_row(lm: LensModel, cfg: RunConfig, row: EditPlan, results: dict[str, Any
     rec = cache.get_json(key)
     if rec is not None:
         return rec
-    run = apply_plan(lm, cfg.plan(row), located_for(row, results), limits=cfg.row_limits, before=org,
-                     batch_size=cfg.batch_size)
+    located = located_for(row, results)
+    locate_fn = None
+    if row.where is not None and located is None:  # neuron closed form: entries of the located module
+        from .driver import entries_of
+
+        locate_fn = entries_of(results["module_edit"].top_labels(1)[0])
+    run = apply_plan(lm, cfg.plan(row), located, limits=cfg.row_limits, before=org, batch_size=cfg.batch_size,
+                     locate_fn=locate_fn)
     if run.handle is not None:
         try:
             save_patch(run.edit, cache.patch_dir(key), originals=run.handle.originals, base_name=lm.name, force=True)

@@ -170,7 +170,7 @@ def _report_stage(tmp: Path, cfg: RunConfig, meta, evals, org, rows, results, be
 
     with _bar(2, "5/5 report", progress) as bar:
         figs = locate_figures(results) + extra_figs
-        written = write_all(figs, tmp / "figures")
+        written = write_all(figs, tmp / "figures", png=not cfg.quick)  # --quick: HTML only (PNGs cost ~90 s)
         bar.update(1)
         meta["split_sizes"] = {s: split_sizes(s) for s in cfg.eval_limits}
         write_reports(tmp, meta=meta, evals=evals, org=org, rows=rows, results=results, figures=written,
