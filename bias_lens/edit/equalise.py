@@ -206,6 +206,7 @@ class _Problem:
     tid: Tensor  # he, she first-token ids
     sets: list  # [neutral prompts, hinted prompts or None]
     moment: Float[Tensor, "d_in d_in"]  # E[k k^T] on the retention texts (unregularised)
+    out_in: tuple[int, int]  # the weight's (d_out, d_in) whatever its stored layout
 
     @property
     def dense(self) -> bool:
@@ -243,7 +244,9 @@ def _problem(lm, mask: ParamMask, train, hint, retention, cfg: EqualiseConfig) -
     moment = input_moment(lm, module, retention if retention is not None else retention_texts(cfg.retention_limit),
                           ones=bias is not None)
     sets = [[s["prompt"] for s in train], [s["prompt"] for s in hint] if (cfg.keep_hint and hint) else None]
-    return _Problem(name, module, bias, idx, bias_idx, rows, cols, torch.as_tensor(he_she(lm).first_ids), sets, moment)
+    out_in = (module.weight.shape[1 if transposed else 0], d_in)
+    return _Problem(name, module, bias, idx, bias_idx, rows, cols, torch.as_tensor(he_she(lm).first_ids), sets, moment,
+                    out_in)
 
 
 def _solve(lm, pb: _Problem, cfg: EqualiseConfig, n_iter: int) -> Float[Tensor, " entries"]:
@@ -255,11 +258,10 @@ def _solve(lm, pb: _Problem, cfg: EqualiseConfig, n_iter: int) -> Float[Tensor, 
     ref, base = lin(), pb.base()
     delta = torch.zeros_like(base)
     for it in range(n_iter):
-        if it:
+        cur = ref
+        if it:  # re-linearise at the edited weights
             with pb.edit(lm, base + delta).applied(lm.hf):
                 cur = lin()
-        else:
-            cur = ref
         u, k, t = _rows(cur, ref, cfg)
         step = (solve_dense(u, k, t, c_inv, cfg.ridge)[pb.rows, pb.cols] if pb.dense
                 else solve_entries(u, k, t, pb.rows, pb.cols, c.diagonal(), cfg.ridge))
@@ -284,10 +286,8 @@ def equalise_edit(lm: LensModel, mask: ParamMask, train: Sequence[dict], *, hint
     pb = _problem(lm, mask, train, hint, retention, cfg)
     n_iter = cfg.n_iter if cfg.n_iter is not None else (1 if pb.dense else 3)
     delta = _solve(lm, pb, cfg, n_iter)
-    w = pb.module.weight
-    shape_out_in = list(w.shape)[::-1] if layouts(lm.hf)[pb.name] == "in_out" else list(w.shape)
-    return pb.edit(lm, pb.base() + delta, method, {"config": asdict(cfg), "n_iter": n_iter, "shape_out_in": shape_out_in,
-                                                   "bias": pb.bias is not None})
+    return pb.edit(lm, pb.base() + delta, method, {"config": asdict(cfg), "n_iter": n_iter,
+                                                   "shape_out_in": list(pb.out_in), "bias": pb.bias is not None})
 
 
 def solution_entries(lm: LensModel, module: str, train: Sequence[dict], *, k: int = 4096,
@@ -305,8 +305,7 @@ def solution_entries(lm: LensModel, module: str, train: Sequence[dict], *, k: in
     cfg = config or EqualiseConfig()
     pb = _problem(lm, mask_from_labels(lm.hf, [module]), train, hint, retention, cfg)
     delta = _solve(lm, pb, cfg, 1)
-    w = pb.module.weight
-    out_in = w.shape[::-1] if layouts(lm.hf)[pb.name] == "in_out" else w.shape
+    out_in = pb.out_in
     dw = torch.zeros(out_in[0], out_in[1] + (pb.bias is not None), dtype=torch.float64)
     dw[pb.rows, pb.cols] = delta  # [out, in (+ bias)]
     score = (dw.abs() * pb.moment.diagonal().clamp_min(0).sqrt()[None, :])[:, :out_in[1]]  # weight entries only
