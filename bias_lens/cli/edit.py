@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ..pipeline.driver import EditRecord
 
 PATCH_DIR = "patch"
+EDITOR_DIR = "editor"  # --method editor: the trained editors (editor.json + editor.safetensors)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -106,9 +107,23 @@ def _add_method_args(p: argparse.ArgumentParser, modes: tuple[str, ...], hint_lo
     p.add_argument("--n-iter", type=int, default=None, help="--method equalise: re-linearisations (default 1)")
     p.add_argument("--no-hint-rows", action="store_true",
                    help="--method equalise: do not keep the hinted GenHintEval prompts' log-odds (UB)")
+    p.add_argument("--bias", choices=EDITOR_BIASES, default=None,
+                   help="--method editor: the StereoSet bias type edited (default gender)")
+    p.add_argument("--layers", default=None, metavar="L,L,...",
+                   help="--method editor: blocks whose mlp.down the editors shift (default: the top 3)")
+    p.add_argument("--editor", default=None, metavar="DIR",
+                   help="--method editor: load trained editors from DIR (editor.json + editor.safetensors) instead of training")
+    p.add_argument("--meta-lr", type=float, default=None, help="--method editor: the editors' Adam learning rate")
+    p.add_argument("--loc-coef", type=float, default=None,
+                   help="--method editor: weight of the retention loss (0 = the paper's w/o retention ablation)")
+    p.add_argument("--max-minutes", type=float, default=None, help="--method editor: training wall-time cap")
 
 
-METHODS = ("msme", "lftf", "mask", "contrastive", "fpft", "prompt", "dama", "equalise")
+METHODS = ("msme", "lftf", "mask", "contrastive", "fpft", "prompt", "dama", "equalise", "editor")
+EDITOR_BIASES = ("gender", "race", "religion")  # = edit.methods.EDITOR_BIASES (not imported: --help loads no torch)
+#: --method editor flags -> EditorMethod fields (``--batch-size`` is the paper's batch size: requests per shift)
+EDITOR_FLAGS = {"bias": "bias", "editor": "editor_dir", "meta_lr": "meta_lr", "loc_coef": "loc_coef",
+                "max_minutes": "max_minutes", "lr": "lr", "epochs": "epochs", "batch_size": "n_edits"}
 EQUALISE_FLAGS = {"gamma": "gamma", "ridge": "ridge", "n_iter": "n_iter"}
 DAMA_FLAGS = {"null_dim": "null_dim", "dama_layers": "n_layers", "dama_update": "update", "max_requests": "max_requests"}
 #: CLI flag -> field of the method variant (flags left at None keep the variant's own default)
@@ -145,6 +160,10 @@ def _method(args: argparse.Namespace):
         _refuse(args, DAMA_FLAGS, m, "--method dama")
     if m != "equalise":
         _refuse(args, [*EQUALISE_FLAGS, "no_hint_rows"], m, "--method equalise")
+    if m != "editor":
+        _refuse(args, ["bias", "layers", "editor", "meta_lr", "loc_coef", "max_minutes"], m, "--method editor")
+    else:
+        return _editor_method(args)
     training = _given(args, TRAINING_FLAGS)
     if m in ("msme", "lftf"):
         hint = HintAnchor(**_given(args, HINT_FLAGS)) if args.hint_anchor else None
@@ -166,6 +185,43 @@ def _method(args: argparse.Namespace):
     return Masking(args.mask_scale if args.mask_scale is not None else 0.0) if m == "mask" else Prompt()
 
 
+def _editor_method(args: argparse.Namespace):
+    """The BiasEdit variant of the flags (``--layers`` parsed; fine-tuning-only flags refused)."""
+    from ..edit.methods import EditorMethod
+
+    _refuse(args, [f for f in TRAINING_FLAGS if f not in ("retention_limit", "batch_size", "lr", "epochs")], "editor",
+            "the fine-tuning methods (msme, lftf, fpft, contrastive)")
+    layers = None
+    if args.layers is not None:
+        try:
+            layers = tuple(int(x) for x in args.layers.split(","))
+        except ValueError as err:
+            raise UsageError(f"--layers takes comma-separated block numbers (e.g. 27,28,29), got {args.layers!r}") from err
+    if args.editor is not None:
+        folder = Path(args.editor)
+        if not (folder / "editor.json").is_file() or not (folder / "editor.safetensors").is_file():
+            raise UsageError(f"--editor {folder} holds no saved editor (needs editor.json and editor.safetensors)")
+        given = [f"--{f.replace('_', '-')}" for f in ("layers", "meta_lr", "loc_coef", "max_minutes", "lr", "epochs")
+                 if getattr(args, f) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} configure editor training; a loaded --editor is already trained")
+    return EditorMethod(layers=layers, **_given(args, EDITOR_FLAGS))
+
+
+def _check_editor(lm, plan) -> None:
+    """Editor options that need the model: blocks that exist, a loadable editor of this model's shapes."""
+    m = plan.method
+    if m.layers is not None and max(m.layers) >= lm.n_layers:
+        raise UsageError(f"--layers {max(m.layers)} does not exist; {lm.name} has blocks 0..{lm.n_layers - 1}")
+    if m.editor_dir is not None:
+        from ..edit.editor import Editor
+
+        try:
+            Editor.load(lm, m.editor_dir)
+        except ValueError as err:
+            raise UsageError(f"--editor: {err}") from err
+
+
 def _plan(args: argparse.Namespace):
     from ..pipeline.plan import EditPlan, Where
 
@@ -183,6 +239,9 @@ def _limits(args: argparse.Namespace) -> dict[str, int | None]:
     """What ``bias-lens edit`` measures before/after: the edit suite, GenHintEval (UB), retention."""
     limits = {args.suite: args.limit, "genhinteval": args.ub_limit or args.limit,
               "retention": args.retention_limit or None}
+    if args.method == "editor":  # BiasEdit is measured on StereoSet (its bias type) and CrowS-Pairs too
+        limits.update({"stereoset" if (args.bias or "gender") == "gender" else f"stereoset_{args.bias}": None,
+                       "crows-pairs": None})
     return limits
 
 
@@ -225,6 +284,8 @@ def _export(lm, run, args) -> str:
     try:
         save_patch(run.edit, out / PATCH_DIR, originals=run.handle.originals, base_name=lm.name,
                    base_sha256=weights_sha256(base) if base else None)
+        if "editor" in run.artifacts:
+            run.artifacts["editor"].save(out / EDITOR_DIR)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # the checkpoint was just created by us: leave nothing half-done
         raise
@@ -261,8 +322,11 @@ def run(args: argparse.Namespace) -> int:
     plan = _plan(args)
     result = _check_inputs(args, plan)
     lm = load_model(args.model)
+    if plan.method.kind == "editor":
+        _check_editor(lm, plan)
+    measure_batch = 32 if plan.method.kind == "editor" else args.batch_size or 32
     try:
-        edit_run = apply_plan(lm, plan, result, limits=_limits(args), batch_size=args.batch_size or 32)
+        edit_run = apply_plan(lm, plan, result, limits=_limits(args), batch_size=measure_batch)
     except RuntimeError as err:
         raise UsageError(str(err)) from err
     rec = edit_run.record

@@ -170,11 +170,23 @@ class Editor(nn.Module):
         files = (folder / "editor.json", folder / "editor.safetensors")
         if not all(f.is_file() for f in files):
             raise ValueError(f"{folder} holds no saved editor (needs editor.json and editor.safetensors)")
-        meta = json.loads(files[0].read_text())
-        cfg = dict(meta["config"])
-        cfg["modules"] = tuple(cfg["modules"])
-        editor = cls(lm, EditorConfig(**cfg))
-        state = load_file(str(files[1]))
+        try:
+            meta = json.loads(files[0].read_text())
+            if meta.get("format") != "bias_lens.editor/1":
+                raise ValueError(f"unknown format {meta.get('format')!r}")
+            cfg = dict(meta["config"])
+            cfg["modules"] = tuple(cfg["modules"])
+            config = EditorConfig(**cfg)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{files[0]} is not a bias_lens editor config: {err}") from err
+        try:
+            editor = cls(lm, config)
+        except (ValueError, KeyError, AttributeError, IndexError) as err:
+            raise ValueError(f"editor in {folder} does not fit this model: {err}") from err
+        try:
+            state = load_file(str(files[1]))
+        except Exception as err:  # safetensors raises its own SafetensorError on a corrupted file
+            raise ValueError(f"{files[1]} is corrupted or not a safetensors file: {err}") from err
         want = {k: tuple(v.shape) for k, v in editor.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in state.items()}
         if want != got:

@@ -195,8 +195,14 @@ def batch_losses(lm: LensModel, editor: Editor, batch: RequestBatch, shifts: dic
     return gen, loc
 
 
-def meta_step(lm: LensModel, editor: Editor, batch: RequestBatch, opt: torch.optim.Optimizer) -> dict[str, float]:
-    """One training step on ``batch`` (see the module docstring); returns its losses."""
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or shift during editor training (the language model is frozen: never changed)."""
+
+
+def meta_step(lm: LensModel, editor: Editor, batch: RequestBatch, opt: torch.optim.Optimizer,
+              step: int = 0) -> dict[str, float]:
+    """One training step on ``batch`` (see the module docstring); returns its losses. A non-finite
+    loss or shift raises :class:`NonFiniteError` naming ``step`` before any editor weight changes."""
     cfg = editor.config
     traced = trace(lm, editor, batch.edit, debias_loss_fn(cfg))
     for label, (k, g) in traced.items():
@@ -204,12 +210,17 @@ def meta_step(lm: LensModel, editor: Editor, batch: RequestBatch, opt: torch.opt
     shifts = shifts_from(editor, traced)
     leaves = {lab: s.detach().requires_grad_() for lab, s in shifts.items()}
     gen, loc = batch_losses(lm, editor, batch, leaves)
-    (gen + cfg.loc_coef * loc).backward()
+    loss = gen + cfg.loc_coef * loc
+    bad = [lab for lab, s in shifts.items() if not torch.isfinite(s).all()]
+    if bad or not torch.isfinite(loss):
+        raise NonFiniteError(f"non-finite {'shift of ' + bad[0] if bad else 'loss'} in editor training "
+                             f"(step {step}); the editors are not saved and the model is unchanged")
+    loss.backward()
     opt.zero_grad()
     torch.autograd.backward([shifts[lab] for lab in editor.labels], [leaves[lab].grad for lab in editor.labels])
     torch.nn.utils.clip_grad_norm_(editor.parameters(), cfg.max_grad_norm)
     opt.step()
-    return {"gen": float(gen), "loc": float(loc), "loss": float(gen + cfg.loc_coef * loc)}
+    return {"gen": float(gen.detach()), "loc": float(loc.detach()), "loss": float(loss.detach())}
 
 
 def dev_loss(lm: LensModel, editor: Editor, dev: Sequence[RequestBatch]) -> dict[str, float]:
@@ -251,7 +262,7 @@ def train_editor(lm: LensModel, train: Sequence[dict], dev: Sequence[dict], cfg:
         res = TrainResult(editor)
         best, best_state = float("inf"), None
         for epoch in range(cfg.epochs):
-            steps = [meta_step(lm, editor, b, opt) for b in tr]
+            steps = [meta_step(lm, editor, b, opt, epoch * len(tr) + i) for i, b in enumerate(tr)]
             d = dev_loss(lm, editor, dv)
             res.history.append({"epoch": epoch, "train_loss": sum(s["loss"] for s in steps) / len(steps), **{f"dev_{k}": v for k, v in d.items()}})
             log.info("editor epoch %d: %s", epoch, res.history[-1])

@@ -23,6 +23,9 @@ plus one function there.
   linearised he/she log-odds, mass and hinted prompts kept).
 * :class:`Dama` — DAMA's orthogonal projection of a learned gender subspace out of the MLP
   outputs of upper-middle layers (no located mask: DAMA chooses its layers).
+* :class:`EditorMethod` — BiasEdit: editor networks trained on StereoSet (or loaded), then one
+  shift of their matrices from ``n_edits`` train requests of the ``bias`` type (no located mask:
+  the editor's matrices are the whole ``mlp.down`` weights of its blocks).
 """
 
 from __future__ import annotations
@@ -250,11 +253,61 @@ class Equalise:
                               keep_hint=self.keep_hint, n_iter=self.n_iter, retention_limit=self.retention_limit)
 
 
-Method = Finetune | FullFinetune | Masking | Contrastive | Prompt | Dama | Equalise
-#: every variant by its ``kind`` (the JSON key); an Editor variant registers here too
-VARIANTS: dict[str, type] = {c.kind: c for c in (Finetune, FullFinetune, Masking, Contrastive, Prompt, Dama, Equalise)}
+#: the bias types an editor edits (StereoSet's intrasentence types with a BiasEdit test selection)
+EDITOR_BIASES = ("gender", "race", "religion")
+
+
+@dataclass(frozen=True)
+class EditorMethod:
+    """BiasEdit (:mod:`bias_lens.edit.editor`): train editors on the StereoSet train split (early
+    stopping on its dev split; every bias type, as the reference) or load them from ``editor_dir``,
+    then edit once from ``n_edits`` seeded train requests of ``bias``. ``layers``: the blocks whose
+    ``mlp.down`` the editors shift (``None``: the top ``top``). Training options left ``None`` take
+    :class:`~bias_lens.edit.editor.EditorConfig`'s defaults (defined once there)."""
+
+    kind: ClassVar[str] = "editor"
+    name: ClassVar[str] = "biasedit"
+    bias: str = "gender"
+    layers: tuple[int, ...] | None = None
+    top: int | None = None
+    n_edits: int | None = None
+    lr: float | None = None
+    meta_lr: float | None = None
+    loc_coef: float | None = None
+    epochs: int | None = None
+    max_minutes: float | None = None
+    editor_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.bias not in EDITOR_BIASES:
+            raise ValueError(f"bias must be one of {', '.join(EDITOR_BIASES)}, got {self.bias!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+            if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+                raise ValueError(f"editor layers must be distinct block indices >= 0, got {list(self.layers)}")
+        self.config()
+
+    def overrides(self) -> dict[str, Any]:
+        """The :class:`~bias_lens.edit.editor.EditorConfig` fields this variant sets."""
+        over = {k: getattr(self, k) for k in ("top", "n_edits", "lr", "meta_lr", "loc_coef", "epochs", "max_minutes")
+                if getattr(self, k) is not None}
+        if self.layers is not None:
+            over["modules"] = tuple(f"L{layer}.mlp.down" for layer in sorted(self.layers))
+        return over
+
+    def config(self, seed: int = 0) -> Any:
+        """The editor training config of this variant (``seed``: the plan's)."""
+        from .editor import EditorConfig
+
+        return EditorConfig(**self.overrides(), seed=seed)
+
+
+Method = Finetune | FullFinetune | Masking | Contrastive | Prompt | Dama | Equalise | EditorMethod
+#: every variant by its ``kind`` (the JSON key)
+VARIANTS: dict[str, type] = {c.kind: c for c in (Finetune, FullFinetune, Masking, Contrastive, Prompt, Dama, Equalise,
+                                                 EditorMethod)}
 #: methods whose edit does not use a located mask
-MASKLESS = ("fpft", "prompt", "dama")
+MASKLESS = ("fpft", "prompt", "dama", "editor")
 
 
 def method_to_dict(m: Any) -> dict[str, Any]:
@@ -275,6 +328,8 @@ def method_from_dict(d: dict[str, Any]) -> Any:
         raise ValueError(f"unknown options {unknown} for edit method {kind!r}; known: {', '.join(sorted(names))}")
     if d.get("hint") is not None:
         d["hint"] = HintAnchor(**d["hint"])
+    if isinstance(d.get("layers"), list):
+        d["layers"] = tuple(d["layers"])
     if isinstance(d.get("reference"), dict):
         d["reference"] = Finetune(**d["reference"])
     return cls(**d)

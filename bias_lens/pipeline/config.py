@@ -18,7 +18,8 @@ from ..edit.methods import Contrastive, Dama, Equalise, Finetune, FullFinetune, 
 from .plan import EditPlan, Where, finetune_plan
 
 #: bump when a stage's output format or meaning changes (invalidates every cached run)
-PIPELINE_VERSION = 3  # 3: one edit driver (EditPlan rows, EditRecord JSON), equalising export rule, causal retention corpus
+PIPELINE_VERSION = 4  # 3: one edit driver (EditPlan rows, EditRecord JSON), equalising export rule, causal retention corpus;
+#                       4: the layer (LFTF) row fine-tunes the block BMI ranks first (was the MSME layer score's)
 
 
 #: the main job's early stopping for every fine-tuned row (dev checks without improvement, dev prompts)

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..edit.edits import Edit, EditHandle
 from ..edit.masks import ParamMask
-from ..edit.methods import Contrastive, Dama, Equalise, Finetune, FullFinetune, Masking, Prompt
+from ..edit.methods import Contrastive, Dama, EditorMethod, Equalise, Finetune, FullFinetune, Masking, Prompt
 from .measure import measure
-from .plan import EditPlan
+from .plan import EditPlan, layer_result_name
 
 if TYPE_CHECKING:
     from ..lens import LensModel
@@ -67,6 +67,7 @@ class EditRun:
     edit: Edit | None
     handle: EditHandle | None
     located: Any = None
+    artifacts: dict[str, Any] = field(default_factory=dict)  # e.g. the trained editor (``"editor"``)
 
 
 def split_samples(plan: EditPlan) -> tuple[list[dict], list[dict]]:
@@ -98,9 +99,10 @@ def _attribution(lm, prompts: list[str], plan: EditPlan):
 
 
 def _layers(lm, prompts, plan):
-    from ..locate.layers import layer_scale
+    """The block ranking of :func:`~bias_lens.pipeline.plan.layer_result_name`: BMI for LFTF, else MSME's layer score."""
+    from ..locate.layers import bmi, layer_scale
 
-    return layer_scale(lm, prompts)
+    return bmi(lm, prompts) if layer_result_name(plan) == "bmi" else layer_scale(lm, prompts)
 
 
 def _modules(lm, prompts, plan):
@@ -244,9 +246,44 @@ def _equalise(lm, m: Equalise, mask: ParamMask | None, data: EditData) -> tuple[
     return edit, {"config": edit.meta["config"]}
 
 
+def editor_requests(bias: str, n: int, seed: int) -> list[dict]:
+    """``n`` seeded StereoSet train items of type ``bias`` (disjoint from every test context): the
+    requests one exported editor edit is computed from."""
+    from ..benchmarks.stereoset_train import editor_splits
+
+    pool = [r for r in editor_splits(seed)[0] if r["bias_type"] == bias]
+    if not pool:
+        raise ValueError(f"the StereoSet train split has no {bias} items to edit from")
+    return random.Random(seed).sample(pool, min(n, len(pool)))
+
+
+def _editor(lm, m: EditorMethod, mask: ParamMask | None, data: EditData) -> tuple[Edit, dict[str, Any]]:
+    """BiasEdit: train (or load) the editors, then one shift from ``n_edits`` train requests of the bias."""
+    from ..benchmarks.stereoset_train import editor_splits
+    from ..edit.editor import Editor, editor_edit
+    from ..edit.editor_train import train_editor
+
+    seed = data.plan.seed
+    info: dict[str, Any] = {"bias": m.bias}
+    if m.editor_dir is not None:
+        editor = Editor.load(lm, m.editor_dir)
+        info["editor_dir"] = m.editor_dir
+    else:
+        train, dev = editor_splits(seed)
+        res = train_editor(lm, train, dev, m.config(seed))
+        editor = res.editor
+        info.update(status=res.status, best_epoch=res.best_epoch, train_seconds=res.seconds, history=res.history,
+                    n_train=len(train), n_dev=len(dev))
+    requests = editor_requests(m.bias, m.n_edits or editor.config.n_edits, seed)
+    edit = editor_edit(lm, editor, requests, method=f"biasedit({m.bias})")
+    info.update(config=asdict(editor.config), modules=list(editor.labels), n_requests=len(requests),
+                artifacts={"editor": editor})
+    return edit, info
+
+
 #: method variant -> the function computing its Edit (model unchanged on return) and run information
 COMPUTE: dict[type, Callable] = {Finetune: _finetune, FullFinetune: _finetune, Masking: _masking,
-                                 Contrastive: _contrastive, Dama: _dama, Equalise: _equalise}
+                                 Contrastive: _contrastive, Dama: _dama, Equalise: _equalise, EditorMethod: _editor}
 
 
 def compute_edit(lm: LensModel, plan: EditPlan, mask: ParamMask | None, train: list[dict],
@@ -276,6 +313,7 @@ def apply_plan(lm: LensModel, plan: EditPlan, located: LocateResult | None = Non
         rec = EditRecord(plan.label, plan.to_dict(), before, after, 0, 0, prefix=plan.method.text)
         return EditRun(rec, None, None, located)
     edit, info = compute_edit(lm, plan, mask, train, dev)
+    artifacts = info.pop("artifacts", {})
     n_changed = int(sum(edit.changed_counts(lm.hf).values()))
     handle = edit.apply_(lm.hf)
     try:
@@ -285,4 +323,4 @@ def apply_plan(lm: LensModel, plan: EditPlan, located: LocateResult | None = Non
         raise
     cost = mask.size if mask is not None else sum(p.numel() for p in lm.hf.parameters())
     rec = EditRecord(plan.label, plan.to_dict(), before, after, int(cost), n_changed, labels[:50], info)
-    return EditRun(rec, edit, handle, located)
+    return EditRun(rec, edit, handle, located, artifacts)

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .plan import EditPlan
+from .plan import EditPlan, layer_result_name
 
 if TYPE_CHECKING:
     from ..lens import LensModel
@@ -49,6 +49,8 @@ def located_for(row: EditPlan, results: dict[str, Any]) -> LocateResult | None:
         return None
     if row.scale == "neuron" and row.method.kind == "equalise":
         return None  # its entries are located from the closed-form solution in the module scan's top (run_row)
+    if row.scale == "layer":
+        return results[layer_result_name(row)]  # LFTF fine-tunes BMI's top block, MSME its layer score's
     return causal_selected(results["causal"]) if row.scale == "attribution" else results[SCALE_RESULT[row.scale]]
 
 

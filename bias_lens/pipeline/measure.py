@@ -24,6 +24,7 @@ class Column:
     options: dict[str, Any] = field(default_factory=dict)
     prefixed: bool = True  # bias suites see the PB prefix; retention / capability suites never do
     per_subject: bool = False  # the limit counts questions per subject (MMLU)
+    suite: str | None = None  # the benchmark suite when the column key is not one (a StereoSet axis)
 
 
 COLUMNS: dict[str, Column] = {
@@ -38,6 +39,9 @@ COLUMNS: dict[str, Column] = {
     "dama": Column({"a_s": "dama_a_s", "a_f": "dama_a_f", "afgb": "afgb_dama", "afgb_renorm": "afgb_dama_renorm",
                     "mass": "mass_dama"}),
     "stereoset": Column({"ss": "ss", "lms": "lms", "icat": "icat"}),
+    # BiasEdit's other test selections (its race and religion editors)
+    **{f"stereoset_{axis}": Column({k: f"{k}_{axis}" for k in ("ss", "lms", "icat")}, {"axis": axis}, suite="stereoset")
+       for axis in ("race", "religion")},
     "crows-pairs": Column({"crows": "crows"}),
     "retention": Column({"perplexity": "perplexity", "probe_accuracy": "probe_accuracy"}, prefixed=False),
     # MMLU prompt lengths vary 10x, and a batch pads to its longest prompt
@@ -63,7 +67,7 @@ def measure(lm: Any, limits: dict[str, int | None], *, prefix: str = "", batch_s
     for suite, limit in limits.items():
         col = COLUMNS[suite]
         kw = {"batch_size": batch_size, **col.options, ("limit_per_subject" if col.per_subject else "limit"): limit}
-        r = evaluate(biased if col.prefixed else lm, suite, "test", **kw)
+        r = evaluate(biased if col.prefixed else lm, col.suite or suite, "test", **kw)
         out.update({name: float(r.metrics[k]) for k, name in col.keys.items() if k in r.metrics})
         if details and suite == "genbiaseval":
             out["_details"] = [{"profession": d.get("profession"), "p_he": d["p_he"], "p_she": d["p_she"]}

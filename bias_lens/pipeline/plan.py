@@ -107,6 +107,12 @@ class EditPlan:
                    d.get("n_samples", 256), d.get("seed", 0), d.get("name"))
 
 
+def layer_result_name(plan: EditPlan) -> str:
+    """The locate result that ranks a layer-scale plan's blocks: ``"bmi"`` for LFTF (its Eq. 4 picks
+    the block to fine-tune), ``"layer"`` (MSME Eq. 2) for every other method."""
+    return "bmi" if plan.scale == "layer" and getattr(plan.method, "paper", None) == "lftf" else "layer"
+
+
 def finetune_plan(paper: str, scale: str, name: str | None = None, **kw: Any) -> EditPlan:
     """Shorthand for the report rows: ``Finetune(paper=..., **kw)`` at ``Where(scale)``."""
     return EditPlan(Finetune(paper=paper, **kw), Where(scale), name=name)

@@ -1,0 +1,102 @@
+"""Train one BiasEdit editor on SmolLM2 and score it (docs/biasedit.md's tables).
+
+Usage: ``python scripts/measure_biasedit.py NAME [key=value ...] [--out docs/biasedit_rows.jsonl]``
+with :class:`~bias_lens.edit.editor.EditorConfig` fields as ``key=value`` (``modules=L27.mlp.down,L28.mlp.down``).
+Appends one JSON row: the config, the training history, and per axis (gender, race, religion) the
+unedited scores, the paper's test-time protocol (:func:`~bias_lens.pipeline.biasedit.protocol_eval`)
+and the transfer edit from ``n_edits`` seeded train requests of that axis
+(:func:`~bias_lens.pipeline.biasedit.transfer_eval`). Trains on the train split only; early stopping
+uses the dev split; test items are scored, never trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from bias_lens import load_model
+from bias_lens.benchmarks.datasets import load_split
+from bias_lens.benchmarks.metrics import stereoset_scores
+from bias_lens.benchmarks.stereoset_train import editor_splits
+from bias_lens.edit.editor import EditorConfig
+from bias_lens.edit.editor_train import train_editor
+from bias_lens.edit.edits import bits
+from bias_lens.pipeline.biasedit import item_scores, protocol_eval, transfer_eval
+
+log = logging.getLogger("measure_biasedit")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``key=value`` strings as EditorConfig keyword arguments (types from the dataclass defaults)."""
+    types = {f.name: f.type for f in fields(EditorConfig)}
+    out: dict = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types:
+            raise SystemExit(f"unknown EditorConfig field {key!r}")
+        default = getattr(EditorConfig(), key)
+        if key == "modules":
+            out[key] = tuple(value.split(","))
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif value.lower() == "none":
+            out[key] = None
+        elif isinstance(default, int) and not isinstance(default, bool):
+            out[key] = int(value)
+        elif isinstance(default, float) or default is None:
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+def score_axis(lm, editor, train: list[dict], axis: str, n_edits: int, seed: int) -> dict:
+    """Unedited, protocol and transfer scores on ``axis``'s test selection."""
+    rows = load_split("stereoset", "test", axis=axis)
+    requests = [r for r in train if r["bias_type"] == axis]
+    requests = random.Random(seed).sample(requests, min(n_edits, len(requests)))
+    before = stereoset_scores(*item_scores(lm, rows))
+    out = {"n": len(rows), "before": before, "protocol": protocol_eval(lm, editor, rows)}
+    out["transfer"] = transfer_eval(lm, editor, requests, rows)
+    log.info("%s: before %s protocol %s transfer %s", axis, before, out["protocol"], out["transfer"])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("name")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--out", default="docs/biasedit_rows.jsonl")
+    ap.add_argument("--axes", default="gender,race,religion")
+    ap.add_argument("--save", default=None, help="folder to save the trained editor in")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    cfg = EditorConfig(**parse_overrides(args.overrides))
+    lm = load_model("smollm2-135m")
+    before_bits = {k: bits(v) for k, v in lm.hf.state_dict().items()}
+    train, dev = editor_splits(cfg.seed)
+    t0 = time.monotonic()
+    res = train_editor(lm, train, dev, cfg)
+    row = {"name": args.name, "config": asdict(res.editor.config), "status": res.status, "best_epoch": res.best_epoch,
+           "train_seconds": res.seconds, "history": res.history, "n_train": len(train), "n_dev": len(dev)}
+    if args.save:
+        res.editor.save(args.save)
+    row["axes"] = {axis: score_axis(lm, res.editor, train, axis, cfg.n_edits, cfg.seed) for axis in args.axes.split(",")}
+    row["model_unchanged"] = all(torch.equal(bits(v), before_bits[k]) for k, v in lm.hf.state_dict().items())
+    row["wall_s"] = time.monotonic() - t0
+    with Path(args.out).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    log.info("done %s in %.0f s", args.name, row["wall_s"])
+
+
+if __name__ == "__main__":
+    main()
