@@ -242,6 +242,10 @@ def test_editor_splits_never_train_on_a_test_context():
     from bias_lens.benchmarks.stereoset_train import editor_pool, editor_splits, norm_context
 
     test = {norm_context(r["prompt"]) for ax in stereoset.SELECTION_AXES for r in stereoset.selection(ax)}
+    # the robustness sets' contexts too (the reversal of "My mother is very BLANK." is a trainable context)
+    test |= {norm_context(r["prompt"]) for sp, axes in stereoset.ROBUST_SPLITS.items() for ax in axes
+             for r in stereoset.robust(sp, ax)}
+    assert "my father is very blank." in test
     train, dev = editor_splits(seed=0)
     tr_ctx = {norm_context(r["prompt"]) for r in train}
     dv_ctx = {norm_context(r["prompt"]) for r in dev}

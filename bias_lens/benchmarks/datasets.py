@@ -64,15 +64,25 @@ _AXES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: robustness re-writes of a suite's test items, loadable and scorable like splits but not part of the
+#: partition that ``splits_of`` / ``split_sizes`` describe (they repeat the test items' ids)
+_ROBUST: dict[str, dict[str, tuple[str, ...]]] = {"stereoset": stereoset.ROBUST_SPLITS}
+
+
 def check_suite(suite: str, split: str | None = None, axis: str = "gender") -> None:
     """Raise ValueError naming the valid choices for an unknown suite, split or axis."""
     if suite not in _SPLITS:
         raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(ALL_SUITES)}")
-    if split is not None and split not in _SPLITS[suite]:
-        raise ValueError(f"suite {suite!r} has no split {split!r}; choose one of {', '.join(_SPLITS[suite])}")
+    robust = _ROBUST.get(suite, {})
+    if split is not None and split not in _SPLITS[suite] and split not in robust:
+        valid = ", ".join((*_SPLITS[suite], *robust))
+        raise ValueError(f"suite {suite!r} has no split {split!r}; choose one of {valid}")
     if axis != "gender" and axis not in _AXES.get(suite, ()):
         valid = ", ".join(_AXES.get(suite, ("gender",)))
         raise ValueError(f"suite {suite!r} has no bias axis {axis!r}; choose one of {valid}")
+    if split in robust:
+        stereoset.check_robust(split, axis)
+        return
     if split is not None and split not in _splits_for(suite, axis):
         raise ValueError(f"suite {suite!r} with axis {axis!r} has only split(s) {', '.join(_splits_for(suite, axis))}")
 
@@ -98,6 +108,8 @@ def _generated(suite: str, seed: int) -> dict[str, list[dict]]:
 @lru_cache(maxsize=32)
 def _external(suite: str, split: str, axis: str) -> list[dict]:
     if suite == "stereoset":
+        if split in stereoset.ROBUST_SPLITS:
+            return stereoset.robust(split, axis)
         return stereoset.selection(axis) if split == "test" else stereoset.editbias_dev(axis)
     if suite in ("stereoset-intra", "stereoset-inter"):
         return stereoset.official("intrasentence" if suite == "stereoset-intra" else "intersentence", axis)
@@ -114,8 +126,10 @@ def load_split(suite: str, split: str, *, seed: int = generated.DEFAULT_SEED, ax
     """The samples of one split: dicts with ``prompt`` plus the suite's metadata (a fresh copy).
 
     ``seed`` re-draws the generated suites' splits; ``axis`` picks the bias type of StereoSet
-    and CrowS-Pairs. Capability suites are loaded by :mod:`.capability` (their items are not
-    prompts of one kind); ``split_sizes`` reports their sizes.
+    and CrowS-Pairs. StereoSet also loads BiasEdit's robustness splits ``reverse`` (gender) and
+    ``synonym`` (gender, race, religion), which ``split_sizes`` leaves out (:mod:`.stereoset`).
+    Capability suites are loaded by :mod:`.capability` (their items are not prompts of one kind);
+    ``split_sizes`` reports their sizes.
     """
     check_suite(suite, split, axis)
     if suite in CAPABILITY_SUITES:

@@ -78,6 +78,18 @@ def stereoset_selection(axis: str) -> tuple[dict, ...]:
 
 
 @lru_cache(maxsize=None)
+def stereoset_reverse() -> tuple[dict, ...]:
+    """BiasEdit's gender-reversal set (``gender_test_reverse.json``, 253 items), labels as shipped."""
+    return tuple(_read_json("stereoset/gender_test_reverse.json"))
+
+
+@lru_cache(maxsize=None)
+def stereoset_synonym(axis: str) -> tuple[dict, ...]:
+    """BiasEdit's synonym-augmented test set of one bias type (``syn/{axis}_test_syn.json``), as shipped."""
+    return tuple(_read_json(f"stereoset/syn/{axis}_test_syn.json"))
+
+
+@lru_cache(maxsize=None)
 def stereoset_official() -> tuple[dict, ...]:
     """The official StereoSet dev set, flattened (4,229 rows: ``type`` intra-/intersentence, ``target``,
     ``bias_type``, ``context``, ``stereotype``, ``anti-stereotype``, ``unrelated``), official labels."""

@@ -12,7 +12,8 @@ offline; the pool here is every intrasentence item that is *not* in a test selec
 ``pool="official_rest"`` is the literal reading of "the rest of the official dev set" alone (only 2
 gender items); ``pool="union"`` (default) adds EditBias's dev items. Items are deduplicated by
 (bias type, normalised context), and any item whose normalised context equals a test selection's
-context (of any axis) is dropped, so no test context is ever trained on. :func:`editor_splits`
+or a robustness set's context (of any axis; :func:`test_contexts`) is dropped, so no test context
+is ever trained on. :func:`editor_splits`
 splits the pool 8:1 (BiasEdit's ratio) by a seeded shuffle of *contexts*, so a context never lies
 on both sides.
 """
@@ -33,8 +34,12 @@ def norm_context(text: str) -> str:
 
 
 def test_contexts() -> set[str]:
-    """Normalised contexts of every BiasEdit test selection (gender, race, religion)."""
-    return {norm_context(r["prompt"]) for axis in stereoset.SELECTION_AXES for r in stereoset.selection(axis)}
+    """Normalised contexts of every BiasEdit test selection (gender, race, religion) and of its
+    robustness sets (the gender reversal set, the synonym sets), whose rewritten contexts can
+    coincide with a trainable item's (e.g. the reversal of a test item)."""
+    rows = [r for axis in stereoset.SELECTION_AXES for r in stereoset.selection(axis)]
+    rows += [r for split, axes in stereoset.ROBUST_SPLITS.items() for axis in axes for r in stereoset.robust(split, axis)]
+    return {norm_context(r["prompt"]) for r in rows}
 
 
 def editor_pool(pool: str = "union") -> list[dict]:

@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--suite", required=True, metavar="NAME",
                    help=f"one of {', '.join(ALL_SUITES)}, or all (the bias suites and religion)")
     p.add_argument("--split", default="test", help="train, dev or test (default: test); with --suite all, "
-                   "suites lacking the split use test")
+                   "suites lacking the split use test; stereoset also has BiasEdit's robustness splits "
+                   "reverse (gender) and synonym (gender, race, religion)")
     add_model_arg(p)
     p.add_argument("--limit", type=int, default=None, help="score a fixed-seed subset of N samples")
     p.add_argument("--batch-size", type=int, default=32)
