@@ -42,6 +42,9 @@ NOTEBOOKS: dict[str, tuple[tuple[str, ...], int]] = {
     "04_edit_and_export": (
         ("bias_lens.locate.attribution", "bias_lens.edit.finetune", "bias_lens.edit.neuron_masking",
          "bias_lens.edit.export", "bias_lens.edit.patch", "bias_lens.benchmarks"), 2),
+    "05_biasedit": (
+        ("bias_lens.locate.tracing", "bias_lens.plot.tracing", "bias_lens.edit.editor", "bias_lens.edit.editor_train",
+         "bias_lens.benchmarks.stereoset_train", "bias_lens.pipeline.biasedit", "bias_lens.edit.export"), 4),
 }
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 GRAPH_DIV = 'class="plotly-graph-div"'
