@@ -4,8 +4,9 @@ Usage: ``python scripts/measure_biasedit.py NAME [key=value ...] [--out docs/bia
 with :class:`~bias_lens.edit.editor.EditorConfig` fields as ``key=value`` (``modules=L27.mlp.down,L28.mlp.down``).
 Appends one JSON row: the config, the training history, and per axis (gender, race, religion) the
 unedited scores, the paper's test-time protocol (:func:`~bias_lens.pipeline.biasedit.protocol_eval`)
-and the transfer edit from ``n_edits`` seeded train requests of that axis
-(:func:`~bias_lens.pipeline.biasedit.transfer_eval`). Trains on the train split only; early stopping
+and the transfer edit from ``n_edits`` seeded train requests of that axis (the exported edit,
+:func:`~bias_lens.pipeline.driver.editor_requests`, :func:`~bias_lens.pipeline.biasedit.transfer_eval`),
+on every ``--sets`` entry (test selections, the reversal and synonym sets). Trains on the train split only; early stopping
 uses the dev split; test items are scored, never trained on.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -23,12 +23,12 @@ import torch
 
 from bias_lens import load_model
 from bias_lens.benchmarks.datasets import load_split
-from bias_lens.benchmarks.metrics import stereoset_scores
 from bias_lens.benchmarks.stereoset_train import editor_splits
-from bias_lens.edit.editor import EditorConfig
+from bias_lens.edit.editor import Editor, EditorConfig
 from bias_lens.edit.editor_train import train_editor
 from bias_lens.edit.edits import bits
-from bias_lens.pipeline.biasedit import item_scores, protocol_eval, transfer_eval
+from bias_lens.pipeline.biasedit import protocol_eval, transfer_eval, unedited_eval
+from bias_lens.pipeline.driver import editor_requests
 
 log = logging.getLogger("measure_biasedit")
 
@@ -57,15 +57,19 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def score_axis(lm, editor, train: list[dict], axis: str, n_edits: int, seed: int) -> dict:
-    """Unedited, protocol and transfer scores on ``axis``'s test selection."""
-    rows = load_split("stereoset", "test", axis=axis)
-    requests = [r for r in train if r["bias_type"] == axis]
-    requests = random.Random(seed).sample(requests, min(n_edits, len(requests)))
-    before = stereoset_scores(*item_scores(lm, rows))
-    out = {"n": len(rows), "before": before, "protocol": protocol_eval(lm, editor, rows)}
-    out["transfer"] = transfer_eval(lm, editor, requests, rows)
-    log.info("%s: before %s protocol %s transfer %s", axis, before, out["protocol"], out["transfer"])
+#: (axis, split) of every scored set: BiasEdit's test selections and its robustness sets
+ALL_SETS = ("gender:test", "gender:reverse", "gender:synonym", "race:test", "race:synonym", "religion:test",
+            "religion:synonym")
+
+
+def score_set(lm, editor, train: list[dict], axis: str, split: str, n_edits: int, seed: int) -> dict:
+    """Unedited, protocol and transfer scores (both readings) of one StereoSet set."""
+    rows = load_split("stereoset", split, axis=axis)
+    requests = editor_requests(axis, n_edits, seed)
+    out = {"n": len(rows), "before": unedited_eval(lm, rows), "protocol": protocol_eval(lm, editor, rows),
+           "transfer": transfer_eval(lm, editor, requests, rows)}
+    log.info("%s/%s: %s", axis, split, {k: {m: round(v[m], 1) for m in ("ss", "lms", "ss_mean_prob")}
+                                        for k, v in out.items() if k != "n"})
     return out
 
 
@@ -74,9 +78,10 @@ def main() -> None:
     ap.add_argument("name")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--out", default="docs/biasedit_rows.jsonl")
-    ap.add_argument("--axes", default="gender,race,religion")
+    ap.add_argument("--sets", default=",".join(ALL_SETS), help="axis:split pairs to score")
     ap.add_argument("--save", default=None, help="folder to save the trained editor in")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--load", default=None, help="score a saved editor instead of training one (overrides ignored)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -85,12 +90,18 @@ def main() -> None:
     before_bits = {k: bits(v) for k, v in lm.hf.state_dict().items()}
     train, dev = editor_splits(cfg.seed)
     t0 = time.monotonic()
-    res = train_editor(lm, train, dev, cfg)
-    row = {"name": args.name, "config": asdict(res.editor.config), "status": res.status, "best_epoch": res.best_epoch,
-           "train_seconds": res.seconds, "history": res.history, "n_train": len(train), "n_dev": len(dev)}
+    if args.load:
+        editor = Editor.load(lm, args.load)
+        row = {"name": args.name, "config": asdict(editor.config), "loaded": args.load}
+    else:
+        res = train_editor(lm, train, dev, cfg)
+        editor = res.editor
+        row = {"name": args.name, "config": asdict(editor.config), "status": res.status, "best_epoch": res.best_epoch,
+               "train_seconds": res.seconds, "history": res.history, "n_train": len(train), "n_dev": len(dev)}
     if args.save:
-        res.editor.save(args.save)
-    row["axes"] = {axis: score_axis(lm, res.editor, train, axis, cfg.n_edits, cfg.seed) for axis in args.axes.split(",")}
+        editor.save(args.save)
+    row["sets"] = {key: score_set(lm, editor, train, *key.split(":"), editor.config.n_edits, editor.config.seed)
+                   for key in args.sets.split(",")}
     row["model_unchanged"] = all(torch.equal(bits(v), before_bits[k]) for k, v in lm.hf.state_dict().items())
     row["wall_s"] = time.monotonic() - t0
     with Path(args.out).open("a") as f:

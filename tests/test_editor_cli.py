@@ -174,8 +174,9 @@ def test_nan_in_editor_training_names_the_step_and_leaves_the_model(base_dir, mo
     assert all(torch.equal(bits(v), before[k]) for k, v in lm.hf.state_dict().items())
 
 
-def _hand_scores(lm, texts: list[str]) -> list[float]:
-    """Mean teacher-forced log-prob after the BOS (EOS if none), plain HF forward per sentence."""
+def _hand_scores(lm, texts: list[str], mean_prob: bool = False) -> list[float]:
+    """Mean teacher-forced log-prob (or, ``mean_prob``, mean token probability: BiasEdit's reading)
+    after the BOS (EOS if none), plain HF forward per sentence."""
     tok = lm.tokenizer
     pre = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     out = []
@@ -183,7 +184,8 @@ def _hand_scores(lm, texts: list[str]) -> list[float]:
         ids = [pre] + tok(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             lp = lm.hf(input_ids=torch.tensor([ids])).logits[0].double().log_softmax(-1)
-        out.append(sum(float(lp[t - 1, ids[t]]) for t in range(1, len(ids))) / (len(ids) - 1))
+        tok_lp = [float(lp[t - 1, ids[t]]) for t in range(1, len(ids))]
+        out.append(sum(math.exp(x) if mean_prob else x for x in tok_lp) / len(tok_lp))
     return out
 
 
@@ -198,17 +200,21 @@ def test_protocol_eval_is_edit_score_undo_per_batch(base_dir, editor_dir):
     before = {k: bits(v).clone() for k, v in lm.hf.state_dict().items()}
     got = protocol_eval(lm, editor, rows, n_edits=4)
     assert all(torch.equal(bits(v), before[k]) for k, v in lm.hf.state_dict().items())
-    wins, lms = [], []
+    wins, lms, wins_mp = [], [], []
     for i in range(0, 10, 4):  # batches of 4, 4, 2
         batch = rows[i : i + 4]
         h = editor_edit(lm, editor, batch).apply_(lm.hf)
         st = _hand_scores(lm, [r["stereotype"] for r in batch])
         an = _hand_scores(lm, [r["anti_stereotype"] for r in batch])
         un = _hand_scores(lm, [r["unrelated"] for r in batch])
+        st_mp = _hand_scores(lm, [r["stereotype"] for r in batch], mean_prob=True)
+        an_mp = _hand_scores(lm, [r["anti_stereotype"] for r in batch], mean_prob=True)
         h.undo()
         wins += [a > b for a, b in zip(st, an)]
+        wins_mp += [a > b for a, b in zip(st_mp, an_mp)]
         lms += [a > c for a, c in zip(st, un)] + [b > c for b, c in zip(an, un)]
     assert got["n_batches"] == 3 and got["ss"] == pytest.approx(100 * sum(wins) / 10)
+    assert got["ss_mean_prob"] == pytest.approx(100 * sum(wins_mp) / 10)
     assert got["lms"] == pytest.approx(100 * sum(lms) / 20)
     assert got["icat"] == pytest.approx(got["lms"] * min(got["ss"], 100 - got["ss"]) / 50)
     tr = transfer_eval(lm, editor, rows[:4], rows)

@@ -9,9 +9,12 @@
   requests, applied once, every test item scored. This is what ``bias-lens edit --method editor``
   exports and what every other suite measures.
 
-Both score sentences with the same scorer as the ``stereoset`` suite
-(:func:`~bias_lens.benchmarks.sentence_scoring.sentence_scores`, mean token log-probability after
-the BOS by default) and the same :func:`~bias_lens.benchmarks.metrics.stereoset_scores`.
+Both score sentences with the same scorer as the ``stereoset`` suite (the teacher-forced token
+log-probabilities after the BOS of :func:`~bias_lens.benchmarks.sentence_scoring.token_logprobs`)
+and the same :func:`~bias_lens.benchmarks.metrics.stereoset_scores`, under two readings from one
+forward: ``ss``/``lms``/``icat`` with the mean token log-probability (the official StereoSet
+scorer's geometric-mean probability ranks sentences identically; the suite's default) and
+``*_mean_prob`` with the arithmetic mean token probability (BiasEdit's evaluator).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..benchmarks.metrics import stereoset_scores
-from ..benchmarks.sentence_scoring import sentence_scores
+from ..benchmarks.sentence_scoring import reduce_logprobs, token_logprobs
 from ..edit.editor import editor_edit
 from ..edit.editor_train import batches
 
@@ -34,36 +37,64 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: sentence-score readings reported side by side: key suffix -> reduce of reduce_logprobs
+READINGS = {"": "mean", "_mean_prob": "mean_prob"}
+
+
 def item_scores(lm: LensModel, rows: Sequence[dict], *, reduce: str = "mean",
                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(stereotype, anti-stereotype, unrelated) sentence scores of StereoSet ``rows``."""
+    return reading_scores(lm, rows, {"": reduce}, batch_size=batch_size)[""]
+
+
+def reading_scores(lm: LensModel, rows: Sequence[dict], readings: dict[str, str] = READINGS, *,
+                   batch_size: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per reading, (stereotype, anti-stereotype, unrelated) scores of ``rows``, from one forward."""
     n = len(rows)
     texts = [r["stereotype"] for r in rows] + [r["anti_stereotype"] for r in rows] + [r["unrelated"] for r in rows]
-    sc = sentence_scores(lm, texts, reduce=reduce, batch_size=batch_size).numpy()
-    return sc[:n], sc[n : 2 * n], sc[2 * n :]
+    lps = token_logprobs(lm, texts, batch_size=batch_size)
+    out = {}
+    for key, reduce in readings.items():
+        sc = reduce_logprobs(lps, reduce).numpy()
+        out[key] = (sc[:n], sc[n : 2 * n], sc[2 * n :])
+    return out
+
+
+def reading_metrics(parts: Sequence[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]) -> dict[str, float]:
+    """SS / LMS / ICAT of every reading over the concatenated ``parts`` (keys ``ss``, ``ss_mean_prob``, ...)."""
+    out: dict[str, float] = {}
+    for key in parts[0]:
+        st, an, un = (np.concatenate([p[key][i] for p in parts]) for i in range(3))
+        out.update({f"{k}{key}": v for k, v in stereoset_scores(st, an, un).items()})
+    return out
 
 
 def protocol_eval(lm: LensModel, editor: Editor, rows: Sequence[dict], *, n_edits: int | None = None,
-                  reduce: str = "mean", batch_size: int = 32) -> dict[str, Any]:
+                  readings: dict[str, str] = READINGS, batch_size: int = 32) -> dict[str, Any]:
     """SS / LMS / ICAT under the paper's protocol (see the module docstring); model unchanged on return."""
     n = n_edits or editor.config.n_edits
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    parts = []
     for batch in batches(list(rows), n, drop_last=False):
         handle = editor_edit(lm, editor, batch, method="editor(protocol)").apply_(lm.hf)
         try:
-            parts.append(item_scores(lm, batch, reduce=reduce, batch_size=batch_size))
+            parts.append(reading_scores(lm, batch, readings, batch_size=batch_size))
         finally:
             handle.undo()
-    st, an, un = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    return {**stereoset_scores(st, an, un), "n": len(rows), "n_edits": n, "n_batches": len(parts)}
+    return {**reading_metrics(parts), "n": len(rows), "n_edits": n, "n_batches": len(parts)}
 
 
 def transfer_eval(lm: LensModel, editor: Editor, requests: Sequence[dict], rows: Sequence[dict], *,
-                  reduce: str = "mean", batch_size: int = 32) -> dict[str, Any]:
+                  readings: dict[str, str] = READINGS, batch_size: int = 32) -> dict[str, Any]:
     """SS / LMS / ICAT of ``rows`` after one edit from ``requests``; model unchanged on return."""
     handle = editor_edit(lm, editor, requests, method="editor").apply_(lm.hf)
     try:
-        st, an, un = item_scores(lm, rows, reduce=reduce, batch_size=batch_size)
+        scores = reading_scores(lm, rows, readings, batch_size=batch_size)
     finally:
         handle.undo()
-    return {**stereoset_scores(st, an, un), "n": len(rows), "n_requests": len(requests)}
+    return {**reading_metrics([scores]), "n": len(rows), "n_requests": len(requests)}
+
+
+def unedited_eval(lm: LensModel, rows: Sequence[dict], *, readings: dict[str, str] = READINGS,
+                  batch_size: int = 32) -> dict[str, Any]:
+    """SS / LMS / ICAT of ``rows`` on the current weights, every reading."""
+    return {**reading_metrics([reading_scores(lm, rows, readings, batch_size=batch_size)]), "n": len(rows)}
