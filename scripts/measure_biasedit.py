@@ -73,6 +73,47 @@ def score_set(lm, editor, train: list[dict], axis: str, split: str, n_edits: int
     return out
 
 
+def _cfg_label(row: dict) -> str:
+    """The non-default config fields of a row, e.g. ``loss=pair_kl, modules=L29``."""
+    base, cfg = asdict(EditorConfig()), row["config"]
+    diff = {k: v for k, v in cfg.items() if k != "modules" and base.get(k) != v and k not in ("max_minutes",)}
+    mods = cfg.get("modules") or []
+    layers = ",".join(m.split(".")[0][1:] for m in mods)
+    return ", ".join([f"{k}={v}" for k, v in diff.items()] + ([f"layers {layers}"] if layers else []))
+
+
+def _cell(m: dict, key: str) -> str:
+    return f"{m[key]:.1f}" if key in m else "–"
+
+
+def render_tables(rows: list[dict]) -> str:
+    """Two markdown tables of measured rows: gender test (both readings, protocol and transfer), and the
+    protocol SS / LMS of the robustness sets and the other bias types."""
+    head = ("| row | config | train | reading | SS before | SS protocol | SS transfer | LMS before | LMS protocol | "
+            "LMS transfer | ICAT before | ICAT protocol | ICAT transfer |")
+    out = [head, "|" + "---|" * 13]
+    for r in rows:
+        g = r["sets"].get("gender:test")
+        if g is None:
+            continue
+        train = f"{r['train_seconds'] / 60:.0f} min, {len(r['history'])} ep ({r['status']})" if "history" in r else "loaded"
+        for suffix, name in (("", "mean log-prob"), ("_mean_prob", "mean prob")):
+            cells = [_cell(g[k], f"{m}{suffix}") for m in ("ss", "lms", "icat") for k in ("before", "protocol", "transfer")]
+            out.append(f"| {r['name']} | {_cfg_label(r)} | {train} | {name} | " + " | ".join(cells) + " |")
+    sets = [k for k in ALL_SETS if any(k in r["sets"] for r in rows)]
+    out += ["", "| row | reading | " + " | ".join(f"{k} SS / LMS (before -> protocol)" for k in sets) + " |",
+            "|" + "---|" * (len(sets) + 2)]
+    for r in rows:
+        for suffix, name in (("", "mean log-prob"), ("_mean_prob", "mean prob")):
+            cells = []
+            for k in sets:
+                m = r["sets"].get(k)
+                cells.append("–" if m is None else f"{_cell(m['before'], 'ss' + suffix)} -> {_cell(m['protocol'], 'ss' + suffix)}"
+                             f" / {_cell(m['before'], 'lms' + suffix)} -> {_cell(m['protocol'], 'lms' + suffix)}")
+            out.append(f"| {r['name']} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("name")
@@ -82,7 +123,11 @@ def main() -> None:
     ap.add_argument("--save", default=None, help="folder to save the trained editor in")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--load", default=None, help="score a saved editor instead of training one (overrides ignored)")
+    ap.add_argument("--tables", action="store_true", help="print the tables of --out's rows and exit")
     args = ap.parse_args()
+    if args.tables:
+        print(render_tables([json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     cfg = EditorConfig(**parse_overrides(args.overrides))

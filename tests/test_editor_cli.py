@@ -25,7 +25,9 @@ from bias_lens.pipeline.driver import editor_requests
 from conftest import build_tiny
 
 TINY = dict(top=2, rank=8, n_edits=4, chunk=4, lr=1e-3, meta_lr=1e-3, epochs=1, patience=1, max_minutes=None)
-MEASURE = ["--n-samples", "8", "--limit", "8", "--ub-limit", "4", "--retention-limit", "4"]
+# the tiny model's 128 positions do not fit MMLU's longest questions: capability measured on arithmetic only
+MEASURE = ["--n-samples", "8", "--limit", "8", "--ub-limit", "4", "--retention-limit", "4", "--mmlu-limit", "0",
+           "--arithmetic-limit", "8"]
 
 
 @pytest.fixture
@@ -70,7 +72,8 @@ def test_cli_editor_exports_w_plus_shift_and_the_editor(base_dir, editor_dir, tm
     assert rc == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["method"] == "biasedit" and rec["out"] == str(out) and rec["info"]["n_requests"] == 4
-    assert {"ss", "lms", "icat", "crows", "afgb", "ub", "perplexity"} <= set(rec["after"])
+    assert {"ss", "lms", "icat", "crows", "afgb", "ub", "perplexity", "arithmetic"} <= set(rec["after"])
+    assert "mmlu" not in rec["after"]
     # oracle: the shift recomputed by hand from the saved editor and the same seeded requests
     from bias_lens import load_model
 
@@ -222,3 +225,15 @@ def test_protocol_eval_is_edit_score_undo_per_batch(base_dir, editor_dir):
     st, an = _hand_scores(lm, [r["stereotype"] for r in rows]), _hand_scores(lm, [r["anti_stereotype"] for r in rows])
     h.undo()
     assert tr["ss"] == pytest.approx(100 * sum(a > b for a, b in zip(st, an)) / 10)
+
+
+def test_time_cap_is_checked_per_step(base_dir):
+    """A wall-time cap shorter than one step stops after that step (not at the end of the epoch)."""
+    from bias_lens import load_model
+    from bias_lens.benchmarks.stereoset_train import editor_splits
+    from bias_lens.edit.editor_train import train_editor
+
+    lm = load_model(str(base_dir))
+    train, dev = editor_splits(0)
+    res = train_editor(lm, train[:16], dev[:4], EditorConfig(**{**TINY, "epochs": 3, "max_minutes": 1e-9}))
+    assert res.status == "time_limit" and [h["steps"] for h in res.history] == [1] and res.best_epoch == 0

@@ -71,6 +71,10 @@ def _add_training_args(p: argparse.ArgumentParser, losses: dict, dev_metrics: tu
     p.add_argument("--limit", type=int, default=None, help="test samples scored before/after (default: all)")
     p.add_argument("--ub-limit", type=int, default=None, help="GenHintEval samples for UB (default: --limit)")
     p.add_argument("--retention-limit", type=int, default=48, help="retention sentences (guard and metrics)")
+    p.add_argument("--mmlu-limit", type=int, default=None,
+                   help="MMLU test questions per subject measured before/after (0 = skip; default 1 for --method editor, else 0)")
+    p.add_argument("--arithmetic-limit", type=int, default=None,
+                   help="arithmetic problems measured before/after (0 = skip; default 150 for --method editor, else 0)")
     p.add_argument("--retention-threshold", type=float, default=None,
                    help="max relative perplexity rise in training (default 0.05)")
 
@@ -239,9 +243,12 @@ def _limits(args: argparse.Namespace) -> dict[str, int | None]:
     """What ``bias-lens edit`` measures before/after: the edit suite, GenHintEval (UB), retention."""
     limits = {args.suite: args.limit, "genhinteval": args.ub_limit or args.limit,
               "retention": args.retention_limit or None}
-    if args.method == "editor":  # BiasEdit is measured on StereoSet (its bias type) and CrowS-Pairs too
+    if args.method == "editor":  # BiasEdit is measured on StereoSet (its bias type), CrowS-Pairs and capability
         limits.update({"stereoset" if (args.bias or "gender") == "gender" else f"stereoset_{args.bias}": None,
                        "crows-pairs": None})
+    mmlu = args.mmlu_limit if args.mmlu_limit is not None else (1 if args.method == "editor" else 0)
+    arith = args.arithmetic_limit if args.arithmetic_limit is not None else (150 if args.method == "editor" else 0)
+    limits.update({k: v for k, v in (("mmlu", mmlu), ("arithmetic", arith)) if v > 0})
     return limits
 
 

@@ -262,9 +262,13 @@ def train_editor(lm: LensModel, train: Sequence[dict], dev: Sequence[dict], cfg:
         res = TrainResult(editor)
         best, best_state = float("inf"), None
         for epoch in range(cfg.epochs):
-            steps = [meta_step(lm, editor, b, opt, epoch * len(tr) + i) for i, b in enumerate(tr)]
+            steps = []
+            for i, b in enumerate(tr):  # the wall-time cap is checked per step: one epoch can be long
+                steps.append(meta_step(lm, editor, b, opt, epoch * len(tr) + i))
+                if cfg.max_minutes is not None and time.monotonic() - t0 > 60 * cfg.max_minutes:
+                    break
             d = dev_loss(lm, editor, dv)
-            res.history.append({"epoch": epoch, "train_loss": sum(s["loss"] for s in steps) / len(steps), **{f"dev_{k}": v for k, v in d.items()}})
+            res.history.append({"epoch": epoch, "steps": len(steps), "train_loss": sum(s["loss"] for s in steps) / len(steps), **{f"dev_{k}": v for k, v in d.items()}})
             log.info("editor epoch %d: %s", epoch, res.history[-1])
             if d["loss"] < best:
                 best, res.best_epoch = d["loss"], epoch
