@@ -142,7 +142,8 @@ def main() -> None:
         res = train_editor(lm, train, dev, cfg)
         editor = res.editor
         row = {"name": args.name, "config": asdict(editor.config), "status": res.status, "best_epoch": res.best_epoch,
-               "train_seconds": res.seconds, "history": res.history, "n_train": len(train), "n_dev": len(dev)}
+               "train_seconds": res.seconds, "history": res.history, "n_train": len(train), "n_dev": len(dev),
+               "unedited_dev": res.unedited, "beats_unedited": res.beats_unedited}
     if args.save:
         editor.save(args.save)
     row["sets"] = {key: score_set(lm, editor, train, *key.split(":"), editor.config.n_edits, editor.config.seed)

@@ -59,7 +59,8 @@ def test_editor_variant_round_trips_and_validates():
     assert m.config(seed=3).modules == ("L27.mlp.down", "L29.mlp.down") and m.config().loc_coef == 0.0
     assert m.config(seed=3).seed == 3 and m.config().n_edits == 16
     assert EditorMethod().config() == EditorConfig()  # unset options: EditorConfig's defaults
-    for bad in (dict(bias="age"), dict(layers=(1, 1)), dict(layers=(-1,)), dict(n_edits=0), dict(loc_coef=-1.0)):
+    for bad in (dict(bias="age"), dict(layers=(1, 1)), dict(layers=(-1,)), dict(n_edits=0), dict(loc_coef=-1.0),
+                dict(loss="mse"), dict(retention="kl")):
         with pytest.raises(ValueError):
             EditorMethod(**bad)
 
@@ -106,12 +107,15 @@ def test_cli_editor_trains_when_no_editor_is_given(base_dir, tmp_path, capsys, m
     out = tmp_path / "out"
     capsys.readouterr()
     rc = main(["edit", "--method", "editor", "--model", str(base_dir), "--layers", "1,2", "--batch-size", "4",
-               "--epochs", "1", "--meta-lr", "1e-3", *MEASURE, "--out", str(out), "--json"])
+               "--epochs", "1", "--meta-lr", "1e-3", "--editor-loss", "pair_kl", "--retention-loss", "token_kl", *MEASURE,
+               "--out", str(out), "--json"])
     assert rc == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["info"]["status"] == "epochs" and len(rec["info"]["history"]) == 1
     assert rec["info"]["modules"] == ["L1.mlp.down", "L2.mlp.down"] and rec["info"]["n_train"] == 8
-    assert json.loads((out / "editor" / "editor.json").read_text())["config"]["meta_lr"] == 1e-3
+    saved = json.loads((out / "editor" / "editor.json").read_text())["config"]
+    assert saved["meta_lr"] == 1e-3 and saved["loss"] == "pair_kl" and saved["retention"] == "token_kl"
+    assert rec["info"]["unedited_dev"]["loss"] > 0 and isinstance(rec["info"]["beats_unedited"], bool)
 
 
 @pytest.mark.parametrize("case", ["layers", "corrupt", "shape", "deeper", "flag", "bias"])

@@ -121,13 +121,21 @@ def _add_method_args(p: argparse.ArgumentParser, modes: tuple[str, ...], hint_lo
     p.add_argument("--loc-coef", type=float, default=None,
                    help="--method editor: weight of the retention loss (0 = the paper's w/o retention ablation)")
     p.add_argument("--max-minutes", type=float, default=None, help="--method editor: training wall-time cap")
+    p.add_argument("--editor-loss", choices=("mean_prob_kl", "pair_kl"), default=None,
+                   help="--method editor: debiasing loss (default mean_prob_kl, the reference's; docs/biasedit.md)")
+    p.add_argument("--retention-loss", choices=("mean_prob_kl", "token_kl"), default=None,
+                   help="--method editor: retention loss (default mean_prob_kl, the reference's; token_kl = KL to the "
+                   "unedited next-token distributions)")
 
 
 METHODS = ("msme", "lftf", "mask", "contrastive", "fpft", "prompt", "dama", "equalise", "editor")
 EDITOR_BIASES = ("gender", "race", "religion")  # = edit.methods.EDITOR_BIASES (not imported: --help loads no torch)
 #: --method editor flags -> EditorMethod fields (``--batch-size`` is the paper's batch size: requests per shift)
 EDITOR_FLAGS = {"bias": "bias", "editor": "editor_dir", "meta_lr": "meta_lr", "loc_coef": "loc_coef",
-                "max_minutes": "max_minutes", "lr": "lr", "epochs": "epochs", "batch_size": "n_edits"}
+                "max_minutes": "max_minutes", "lr": "lr", "epochs": "epochs", "batch_size": "n_edits",
+                "editor_loss": "loss", "retention_loss": "retention"}
+#: --method editor flags that configure training (refused with a loaded --editor)
+EDITOR_TRAINING = ("layers", "meta_lr", "loc_coef", "max_minutes", "lr", "epochs", "editor_loss", "retention_loss")
 EQUALISE_FLAGS = {"gamma": "gamma", "ridge": "ridge", "n_iter": "n_iter"}
 DAMA_FLAGS = {"null_dim": "null_dim", "dama_layers": "n_layers", "dama_update": "update", "max_requests": "max_requests"}
 #: CLI flag -> field of the method variant (flags left at None keep the variant's own default)
@@ -165,7 +173,8 @@ def _method(args: argparse.Namespace):
     if m != "equalise":
         _refuse(args, [*EQUALISE_FLAGS, "no_hint_rows"], m, "--method equalise")
     if m != "editor":
-        _refuse(args, ["bias", "layers", "editor", "meta_lr", "loc_coef", "max_minutes"], m, "--method editor")
+        _refuse(args, ["bias", "editor", *(f for f in EDITOR_TRAINING if f not in ("lr", "epochs"))], m,
+                "--method editor")
     else:
         return _editor_method(args)
     training = _given(args, TRAINING_FLAGS)
@@ -205,8 +214,7 @@ def _editor_method(args: argparse.Namespace):
         folder = Path(args.editor)
         if not (folder / "editor.json").is_file() or not (folder / "editor.safetensors").is_file():
             raise UsageError(f"--editor {folder} holds no saved editor (needs editor.json and editor.safetensors)")
-        given = [f"--{f.replace('_', '-')}" for f in ("layers", "meta_lr", "loc_coef", "max_minutes", "lr", "epochs")
-                 if getattr(args, f) is not None]
+        given = [f"--{f.replace('_', '-')}" for f in EDITOR_TRAINING if getattr(args, f) is not None]
         if given:
             raise UsageError(f"{', '.join(given)} configure editor training; a loaded --editor is already trained")
     return EditorMethod(layers=layers, **_given(args, EDITOR_FLAGS))

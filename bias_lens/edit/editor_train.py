@@ -223,12 +223,16 @@ def meta_step(lm: LensModel, editor: Editor, batch: RequestBatch, opt: torch.opt
     return {"gen": float(gen.detach()), "loc": float(loc.detach()), "loss": float(loss.detach())}
 
 
-def dev_loss(lm: LensModel, editor: Editor, dev: Sequence[RequestBatch]) -> dict[str, float]:
-    """Mean over dev batches of the edited debiasing, retention and total loss (no training)."""
+def dev_loss(lm: LensModel, editor: Editor, dev: Sequence[RequestBatch], unedited: bool = False) -> dict[str, float]:
+    """Mean over dev batches of the edited debiasing, retention and total loss (no training);
+    ``unedited=True``: the same losses with zero shifts (the baseline an editor must beat)."""
     cfg, tot = editor.config, {"gen": 0.0, "loc": 0.0}
     for b in dev:
         with torch.no_grad():
-            shifts = {k: v.detach() for k, v in shifts_from(editor, trace(lm, editor, b.edit, debias_loss_fn(cfg))).items()}
+            if unedited:
+                shifts = {lab: torch.zeros(editor.shapes[lab]) for lab in editor.labels}
+            else:
+                shifts = {k: v.detach() for k, v in shifts_from(editor, trace(lm, editor, b.edit, debias_loss_fn(cfg))).items()}
             gen, loc = batch_losses(lm, editor, b, shifts)
         tot["gen"] += float(gen) / len(dev)
         tot["loc"] += float(loc) / len(dev)
@@ -244,6 +248,13 @@ class TrainResult:
     best_epoch: int = -1
     status: str = ""
     seconds: float = 0.0
+    unedited: dict[str, float] = field(default_factory=dict)  # dev losses with zero shifts (the baseline)
+
+    @property
+    def beats_unedited(self) -> bool:
+        """Whether the best epoch's dev loss is below the zero-shift dev loss."""
+        best = self.history[self.best_epoch]["dev_loss"] if self.history else float("inf")
+        return bool(self.unedited) and best < self.unedited["loss"]
 
 
 def train_editor(lm: LensModel, train: Sequence[dict], dev: Sequence[dict], cfg: EditorConfig) -> TrainResult:
@@ -260,6 +271,8 @@ def train_editor(lm: LensModel, train: Sequence[dict], dev: Sequence[dict], cfg:
         dv = [encode_batch(lm, b, cfg, lo) for b in batches(dev, cfg.n_edits, drop_last=False)]
         opt = torch.optim.Adam(editor.parameters(), cfg.meta_lr)
         res = TrainResult(editor)
+        res.unedited = dev_loss(lm, editor, dv, unedited=True)
+        log.info("editor dev losses with zero shifts: %s", res.unedited)
         best, best_state = float("inf"), None
         for epoch in range(cfg.epochs):
             steps = []

@@ -276,6 +276,8 @@ class EditorMethod:
     loc_coef: float | None = None
     epochs: int | None = None
     max_minutes: float | None = None
+    loss: str | None = None  # mean_prob_kl (the reference's, literal) | pair_kl
+    retention: str | None = None  # mean_prob_kl (the reference's, literal) | token_kl
     editor_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -289,8 +291,8 @@ class EditorMethod:
 
     def overrides(self) -> dict[str, Any]:
         """The :class:`~bias_lens.edit.editor.EditorConfig` fields this variant sets."""
-        over = {k: getattr(self, k) for k in ("top", "n_edits", "lr", "meta_lr", "loc_coef", "epochs", "max_minutes")
-                if getattr(self, k) is not None}
+        keys = ("top", "n_edits", "lr", "meta_lr", "loc_coef", "epochs", "max_minutes", "loss", "retention")
+        over = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         if self.layers is not None:
             over["modules"] = tuple(f"L{layer}.mlp.down" for layer in sorted(self.layers))
         return over

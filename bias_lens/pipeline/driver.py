@@ -273,7 +273,7 @@ def _editor(lm, m: EditorMethod, mask: ParamMask | None, data: EditData) -> tupl
         res = train_editor(lm, train, dev, m.config(seed))
         editor = res.editor
         info.update(status=res.status, best_epoch=res.best_epoch, train_seconds=res.seconds, history=res.history,
-                    n_train=len(train), n_dev=len(dev))
+                    n_train=len(train), n_dev=len(dev), unedited_dev=res.unedited, beats_unedited=res.beats_unedited)
     requests = editor_requests(m.bias, m.n_edits or editor.config.n_edits, seed)
     edit = editor_edit(lm, editor, requests, method=f"biasedit({m.bias})")
     info.update(config=asdict(editor.config), modules=list(editor.labels), n_requests=len(requests),
