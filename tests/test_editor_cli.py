@@ -224,6 +224,13 @@ def test_protocol_eval_is_edit_score_undo_per_batch(base_dir, editor_dir):
     assert got["ss_mean_prob"] == pytest.approx(100 * sum(wins_mp) / 10)
     assert got["lms"] == pytest.approx(100 * sum(lms) / 20)
     assert got["icat"] == pytest.approx(got["lms"] * min(got["ss"], 100 - got["ss"]) / 50)
+    # the shift scale multiplies the predicted shift exactly
+    e1, e2 = editor_edit(lm, editor, rows[:4]), editor_edit(lm, editor, rows[:4], scale=2.5)
+    params = dict(lm.hf.named_parameters())
+    for name, idx in e1.indices.items():
+        w0 = params[name].detach().reshape(-1)[idx].double()
+        assert torch.equal(e2.indices[name], idx)
+        assert torch.allclose(e2.values[name].double() - w0, 2.5 * (e1.values[name].double() - w0), atol=1e-6)
     tr = transfer_eval(lm, editor, rows[:4], rows)
     h = editor_edit(lm, editor, rows[:4]).apply_(lm.hf)
     st, an = _hand_scores(lm, [r["stereotype"] for r in rows]), _hand_scores(lm, [r["anti_stereotype"] for r in rows])

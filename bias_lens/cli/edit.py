@@ -121,6 +121,8 @@ def _add_method_args(p: argparse.ArgumentParser, modes: tuple[str, ...], hint_lo
     p.add_argument("--loc-coef", type=float, default=None,
                    help="--method editor: weight of the retention loss (0 = the paper's w/o retention ablation)")
     p.add_argument("--max-minutes", type=float, default=None, help="--method editor: training wall-time cap")
+    p.add_argument("--shift-scale", type=float, default=None,
+                   help="--method editor: multiply the predicted shift (default 1 = the reference; docs/biasedit.md sweep)")
     p.add_argument("--editor-loss", choices=("mean_prob_kl", "pair_kl"), default=None,
                    help="--method editor: debiasing loss (default mean_prob_kl, the reference's; docs/biasedit.md)")
     p.add_argument("--retention-loss", choices=("mean_prob_kl", "token_kl"), default=None,
@@ -133,7 +135,7 @@ EDITOR_BIASES = ("gender", "race", "religion")  # = edit.methods.EDITOR_BIASES (
 #: --method editor flags -> EditorMethod fields (``--batch-size`` is the paper's batch size: requests per shift)
 EDITOR_FLAGS = {"bias": "bias", "editor": "editor_dir", "meta_lr": "meta_lr", "loc_coef": "loc_coef",
                 "max_minutes": "max_minutes", "lr": "lr", "epochs": "epochs", "batch_size": "n_edits",
-                "editor_loss": "loss", "retention_loss": "retention"}
+                "editor_loss": "loss", "retention_loss": "retention", "shift_scale": "shift_scale"}
 #: --method editor flags that configure training (refused with a loaded --editor)
 EDITOR_TRAINING = ("layers", "meta_lr", "loc_coef", "max_minutes", "lr", "epochs", "editor_loss", "retention_loss")
 EQUALISE_FLAGS = {"gamma": "gamma", "ridge": "ridge", "n_iter": "n_iter"}
@@ -173,7 +175,7 @@ def _method(args: argparse.Namespace):
     if m != "equalise":
         _refuse(args, [*EQUALISE_FLAGS, "no_hint_rows"], m, "--method equalise")
     if m != "editor":
-        _refuse(args, ["bias", "editor", *(f for f in EDITOR_TRAINING if f not in ("lr", "epochs"))], m,
+        _refuse(args, ["bias", "editor", "shift_scale", *(f for f in EDITOR_TRAINING if f not in ("lr", "epochs"))], m,
                 "--method editor")
     else:
         return _editor_method(args)

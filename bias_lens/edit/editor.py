@@ -271,18 +271,22 @@ def shifts_from(editor: Editor, traced: dict[str, tuple[Tensor, Tensor]]) -> dic
     return {lab: predict_shift(*editor.net_of(lab), *traced[lab]) for lab in editor.labels}
 
 
-def editor_edit(lm: LensModel, editor: Editor, requests: Sequence[dict], *, method: str = "editor") -> Any:
+def editor_edit(lm: LensModel, editor: Editor, requests: Sequence[dict], *, method: str = "editor",
+                scale: float = 1.0) -> Any:
     """The editors' shift for ``requests`` (StereoSet rows) as one reversible :class:`Edit` of the
-    edited weights (model unchanged on return)."""
+    edited weights (model unchanged on return). ``scale`` multiplies the predicted shift (1 = the
+    reference; a post-hoc strength knob, not in the paper, for the trade-off sweep)."""
+    if not scale > 0:
+        raise ValueError(f"shift scale must be > 0, got {scale}")
     from .editor_train import debias_loss_fn, encode_edit
 
     if not requests:
         raise ValueError("an editor edit needs at least one request (StereoSet item)")
     encs = encode_edit(lm, requests, editor.config, prefix_from=editor.lowest_layer)
     with torch.no_grad():
-        shifts = {k: v.detach() for k, v in shifts_from(editor, trace(lm, editor, encs, debias_loss_fn(editor.config))).items()}
+        shifts = {k: scale * v.detach() for k, v in shifts_from(editor, trace(lm, editor, encs, debias_loss_fn(editor.config))).items()}
     return shift_edit(lm, shifts, method=method, meta={"modules": list(editor.labels), "n_requests": len(requests),
-                                                       "config": asdict(editor.config)})
+                                                       "config": asdict(editor.config), "scale": scale})
 
 
 def shift_edit(lm: LensModel, shifts: dict[str, Tensor], *, method: str, meta: dict[str, Any]) -> Any:

@@ -279,8 +279,11 @@ class EditorMethod:
     loss: str | None = None  # mean_prob_kl (the reference's, literal) | pair_kl
     retention: str | None = None  # mean_prob_kl (the reference's, literal) | token_kl
     editor_dir: str | None = None
+    shift_scale: float = 1.0  # multiplies the predicted shift (1 = the reference; the trade-off sweep's knob)
 
     def __post_init__(self) -> None:
+        if not self.shift_scale > 0:
+            raise ValueError(f"shift-scale must be > 0, got {self.shift_scale}")
         if self.bias not in EDITOR_BIASES:
             raise ValueError(f"bias must be one of {', '.join(EDITOR_BIASES)}, got {self.bias!r}")
         if self.layers is not None:

@@ -70,28 +70,30 @@ def reading_metrics(parts: Sequence[dict[str, tuple[np.ndarray, np.ndarray, np.n
 
 
 def protocol_eval(lm: LensModel, editor: Editor, rows: Sequence[dict], *, n_edits: int | None = None,
-                  readings: dict[str, str] = READINGS, batch_size: int = 32) -> dict[str, Any]:
-    """SS / LMS / ICAT under the paper's protocol (see the module docstring); model unchanged on return."""
+                  readings: dict[str, str] = READINGS, batch_size: int = 32, scale: float = 1.0) -> dict[str, Any]:
+    """SS / LMS / ICAT under the paper's protocol (see the module docstring); model unchanged on
+    return. ``scale``: the shift multiplier of :func:`~bias_lens.edit.editor.editor_edit`."""
     n = n_edits or editor.config.n_edits
     parts = []
     for batch in batches(list(rows), n, drop_last=False):
-        handle = editor_edit(lm, editor, batch, method="editor(protocol)").apply_(lm.hf)
+        handle = editor_edit(lm, editor, batch, method="editor(protocol)", scale=scale).apply_(lm.hf)
         try:
             parts.append(reading_scores(lm, batch, readings, batch_size=batch_size))
         finally:
             handle.undo()
-    return {**reading_metrics(parts), "n": len(rows), "n_edits": n, "n_batches": len(parts)}
+    return {**reading_metrics(parts), "n": len(rows), "n_edits": n, "n_batches": len(parts), "scale": scale}
 
 
 def transfer_eval(lm: LensModel, editor: Editor, requests: Sequence[dict], rows: Sequence[dict], *,
-                  readings: dict[str, str] = READINGS, batch_size: int = 32) -> dict[str, Any]:
-    """SS / LMS / ICAT of ``rows`` after one edit from ``requests``; model unchanged on return."""
-    handle = editor_edit(lm, editor, requests, method="editor").apply_(lm.hf)
+                  readings: dict[str, str] = READINGS, batch_size: int = 32, scale: float = 1.0) -> dict[str, Any]:
+    """SS / LMS / ICAT of ``rows`` after one edit from ``requests`` (shift times ``scale``); model
+    unchanged on return."""
+    handle = editor_edit(lm, editor, requests, method="editor", scale=scale).apply_(lm.hf)
     try:
         scores = reading_scores(lm, rows, readings, batch_size=batch_size)
     finally:
         handle.undo()
-    return {**reading_metrics([scores]), "n": len(rows), "n_requests": len(requests)}
+    return {**reading_metrics([scores]), "n": len(rows), "n_requests": len(requests), "scale": scale}
 
 
 def unedited_eval(lm: LensModel, rows: Sequence[dict], *, readings: dict[str, str] = READINGS,

@@ -275,7 +275,7 @@ def _editor(lm, m: EditorMethod, mask: ParamMask | None, data: EditData) -> tupl
         info.update(status=res.status, best_epoch=res.best_epoch, train_seconds=res.seconds, history=res.history,
                     n_train=len(train), n_dev=len(dev), unedited_dev=res.unedited, beats_unedited=res.beats_unedited)
     requests = editor_requests(m.bias, m.n_edits or editor.config.n_edits, seed)
-    edit = editor_edit(lm, editor, requests, method=f"biasedit({m.bias})")
+    edit = editor_edit(lm, editor, requests, method=f"biasedit({m.bias})", scale=m.shift_scale)
     info.update(config=asdict(editor.config), modules=list(editor.labels), n_requests=len(requests),
                 artifacts={"editor": editor})
     return edit, info
