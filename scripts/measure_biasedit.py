@@ -62,7 +62,7 @@ ALL_SETS = ("gender:test", "gender:reverse", "gender:synonym", "race:test", "rac
             "religion:synonym")
 
 
-def score_set(lm, editor, train: list[dict], axis: str, split: str, n_edits: int, seed: int) -> dict:
+def score_set(lm, editor, axis: str, split: str, n_edits: int, seed: int) -> dict:
     """Unedited, protocol and transfer scores (both readings) of one StereoSet set."""
     rows = load_split("stereoset", split, axis=axis)
     requests = editor_requests(axis, n_edits, seed)
@@ -133,12 +133,12 @@ def main() -> None:
     cfg = EditorConfig(**parse_overrides(args.overrides))
     lm = load_model("smollm2-135m")
     before_bits = {k: bits(v) for k, v in lm.hf.state_dict().items()}
-    train, dev = editor_splits(cfg.seed)
     t0 = time.monotonic()
     if args.load:
         editor = Editor.load(lm, args.load)
         row = {"name": args.name, "config": asdict(editor.config), "loaded": args.load}
     else:
+        train, dev = editor_splits(cfg.seed)
         res = train_editor(lm, train, dev, cfg)
         editor = res.editor
         row = {"name": args.name, "config": asdict(editor.config), "status": res.status, "best_epoch": res.best_epoch,
@@ -146,7 +146,7 @@ def main() -> None:
                "unedited_dev": res.unedited, "beats_unedited": res.beats_unedited}
     if args.save:
         editor.save(args.save)
-    row["sets"] = {key: score_set(lm, editor, train, *key.split(":"), editor.config.n_edits, editor.config.seed)
+    row["sets"] = {key: score_set(lm, editor, *key.split(":"), editor.config.n_edits, editor.config.seed)
                    for key in args.sets.split(",")}
     row["model_unchanged"] = all(torch.equal(bits(v), before_bits[k]) for k, v in lm.hf.state_dict().items())
     row["wall_s"] = time.monotonic() - t0

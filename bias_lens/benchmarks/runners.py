@@ -22,7 +22,7 @@ from . import commonwords, datasets, metrics
 from .generated import RELIGION_TARGETS
 from .next_token import next_token_logprobs
 from .retention import retention_metrics
-from .sentence_scoring import conditional_scores, sentence_scores
+from .sentence_scoring import conditional_scores, reduce_logprobs, sentence_scores, token_logprobs
 
 LIMIT_SEED = 0
 
@@ -106,17 +106,33 @@ def _religion(lm, rows, words, batch_size, progress, multi_token=False):
     return m, details
 
 
+def stereoset_sentence_scores(lm, rows, reduces: dict[str, str], *, batch_size: int = 32,
+                              progress: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Intrasentence StereoSet: per ``key -> reduce`` (see :func:`reduce_logprobs`), the
+    (stereotype, anti-stereotype, unrelated) sentence scores of ``rows``, all from one forward."""
+    n = len(rows)
+    texts = [r["stereotype"] for r in rows] + [r["anti_stereotype"] for r in rows] + [r["unrelated"] for r in rows]
+    lps = token_logprobs(lm, texts, batch_size=batch_size, progress=progress)
+    out = {}
+    for key, reduce in reduces.items():
+        sc = reduce_logprobs(lps, reduce).numpy()
+        out[key] = (sc[:n], sc[n : 2 * n], sc[2 * n :])
+    return out
+
+
 def _stereoset(lm, rows, opts, batch_size, progress, inter: bool = False):
     """SS / LMS / ICAT (and per bias type when several are present). Intrasentence: each whole
     sentence scored; intersentence: each candidate scored conditioned on the context sentence."""
     n = len(rows)
-    texts = [r["stereotype"] for r in rows] + [r["anti_stereotype"] for r in rows] + [r["unrelated"] for r in rows]
-    kw = dict(reduce=opts["sentence_score"], batch_size=batch_size, progress=progress)
     if inter:
-        sc = conditional_scores(lm, [r["prompt"] for r in rows] * 3, texts, **kw).numpy()
+        texts = [r["stereotype"] for r in rows] + [r["anti_stereotype"] for r in rows] + [r["unrelated"] for r in rows]
+        sc = conditional_scores(lm, [r["prompt"] for r in rows] * 3, texts, reduce=opts["sentence_score"],
+                                batch_size=batch_size, progress=progress).numpy()
+        st, an, un = sc[:n], sc[n : 2 * n], sc[2 * n :]
     else:
-        sc = sentence_scores(lm, texts, **kw).numpy()
-    st, an, un = sc[:n], sc[n : 2 * n], sc[2 * n :]
+        reduce_logprobs([], opts["sentence_score"])  # validate before any forward
+        st, an, un = stereoset_sentence_scores(lm, rows, {"": opts["sentence_score"]}, batch_size=batch_size,
+                                               progress=progress)[""]
     m = metrics.stereoset_scores(st, an, un, lms=opts["lms"])
     types = np.array([r["bias_type"] for r in rows])
     if len(set(types.tolist())) > 1:

@@ -9,8 +9,8 @@
   requests, applied once, every test item scored. This is what ``bias-lens edit --method editor``
   exports and what every other suite measures.
 
-Both score sentences with the same scorer as the ``stereoset`` suite (the teacher-forced token
-log-probabilities after the BOS of :func:`~bias_lens.benchmarks.sentence_scoring.token_logprobs`)
+Both score sentences with the ``stereoset`` suite's own scorer (the teacher-forced token
+log-probabilities after the BOS, :func:`~bias_lens.benchmarks.runners.stereoset_sentence_scores`)
 and the same :func:`~bias_lens.benchmarks.metrics.stereoset_scores`, under two readings from one
 forward: ``ss``/``lms``/``icat`` with the mean token log-probability (the official StereoSet
 scorer's geometric-mean probability ranks sentences identically; the suite's default) and
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..benchmarks.metrics import stereoset_scores
-from ..benchmarks.sentence_scoring import reduce_logprobs, token_logprobs
+from ..benchmarks.runners import stereoset_sentence_scores
 from ..edit.editor import editor_edit
 from ..edit.editor_train import batches
 
@@ -49,15 +49,9 @@ def item_scores(lm: LensModel, rows: Sequence[dict], *, reduce: str = "mean",
 
 def reading_scores(lm: LensModel, rows: Sequence[dict], readings: dict[str, str] = READINGS, *,
                    batch_size: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per reading, (stereotype, anti-stereotype, unrelated) scores of ``rows``, from one forward."""
-    n = len(rows)
-    texts = [r["stereotype"] for r in rows] + [r["anti_stereotype"] for r in rows] + [r["unrelated"] for r in rows]
-    lps = token_logprobs(lm, texts, batch_size=batch_size)
-    out = {}
-    for key, reduce in readings.items():
-        sc = reduce_logprobs(lps, reduce).numpy()
-        out[key] = (sc[:n], sc[n : 2 * n], sc[2 * n :])
-    return out
+    """Per reading, (stereotype, anti-stereotype, unrelated) scores of ``rows``, from one forward
+    (the ``stereoset`` suite's scorer, :func:`~bias_lens.benchmarks.runners.stereoset_sentence_scores`)."""
+    return stereoset_sentence_scores(lm, rows, readings, batch_size=batch_size)
 
 
 def reading_metrics(parts: Sequence[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]) -> dict[str, float]:

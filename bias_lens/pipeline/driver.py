@@ -246,12 +246,13 @@ def _equalise(lm, m: Equalise, mask: ParamMask | None, data: EditData) -> tuple[
     return edit, {"config": edit.meta["config"]}
 
 
-def editor_requests(bias: str, n: int, seed: int) -> list[dict]:
+def editor_requests(bias: str, n: int, seed: int, train: list[dict] | None = None) -> list[dict]:
     """``n`` seeded StereoSet train items of type ``bias`` (disjoint from every test context): the
-    requests one exported editor edit is computed from."""
+    requests one exported editor edit is computed from. ``train``: the split already loaded
+    (default: ``editor_splits(seed)[0]``)."""
     from ..benchmarks.stereoset_train import editor_splits
 
-    pool = [r for r in editor_splits(seed)[0] if r["bias_type"] == bias]
+    pool = [r for r in (train if train is not None else editor_splits(seed)[0]) if r["bias_type"] == bias]
     if not pool:
         raise ValueError(f"the StereoSet train split has no {bias} items to edit from")
     return random.Random(seed).sample(pool, min(n, len(pool)))
@@ -265,6 +266,7 @@ def _editor(lm, m: EditorMethod, mask: ParamMask | None, data: EditData) -> tupl
 
     seed = data.plan.seed
     info: dict[str, Any] = {"bias": m.bias}
+    train = None
     if m.editor_dir is not None:
         editor = Editor.load(lm, m.editor_dir)
         info["editor_dir"] = m.editor_dir
@@ -274,7 +276,7 @@ def _editor(lm, m: EditorMethod, mask: ParamMask | None, data: EditData) -> tupl
         editor = res.editor
         info.update(status=res.status, best_epoch=res.best_epoch, train_seconds=res.seconds, history=res.history,
                     n_train=len(train), n_dev=len(dev), unedited_dev=res.unedited, beats_unedited=res.beats_unedited)
-    requests = editor_requests(m.bias, m.n_edits or editor.config.n_edits, seed)
+    requests = editor_requests(m.bias, m.n_edits or editor.config.n_edits, seed, train)
     edit = editor_edit(lm, editor, requests, method=f"biasedit({m.bias})", scale=m.shift_scale)
     info.update(config=asdict(editor.config), modules=list(editor.labels), n_requests=len(requests),
                 artifacts={"editor": editor})
