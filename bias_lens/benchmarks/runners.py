@@ -106,7 +106,7 @@ def _religion(lm, rows, words, batch_size, progress, multi_token=False):
     return m, details
 
 
-def stereoset_sentence_scores(lm, rows, reduces: dict[str, str], *, batch_size: int = 32,
+def stereoset_sentence_scores(lm: Any, rows: Sequence[dict], reduces: dict[str, str], *, batch_size: int = 32,
                               progress: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Intrasentence StereoSet: per ``key -> reduce`` (see :func:`reduce_logprobs`), the
     (stereotype, anti-stereotype, unrelated) sentence scores of ``rows``, all from one forward."""
