@@ -27,7 +27,8 @@ from bias_lens.benchmarks.stereoset_train import editor_splits
 from bias_lens.edit.editor import Editor, EditorConfig
 from bias_lens.edit.editor_train import train_editor
 from bias_lens.edit.edits import bits
-from bias_lens.pipeline.biasedit import protocol_eval, transfer_eval, unedited_eval
+from bias_lens.edit.editor import editor_edit
+from bias_lens.pipeline.biasedit import crows_protocol_eval, protocol_eval, transfer_eval, unedited_eval
 from bias_lens.pipeline.driver import editor_requests
 
 log = logging.getLogger("measure_biasedit")
@@ -58,12 +59,29 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 #: (axis, split) of every scored set: BiasEdit's test selections and its robustness sets
+#: (``crows:AXIS``: CrowS-Pairs of that bias type under the same protocol, the cross-benchmark set)
 ALL_SETS = ("gender:test", "gender:reverse", "gender:synonym", "race:test", "race:synonym", "religion:test",
-            "religion:synonym")
+            "religion:synonym", "crows:gender")
+
+
+def score_crows(lm, editor, axis: str, n_edits: int, seed: int) -> dict:
+    """CrowS-Pairs (``axis``) unedited, under the protocol, and after the transfer edit from StereoSet train requests."""
+    rows = load_split("crows-pairs", "test", axis=axis)
+    handle = editor_edit(lm, editor, editor_requests(axis, n_edits, seed)).apply_(lm.hf)
+    try:
+        transfer = crows_protocol_eval(lm, None, rows)
+    finally:
+        handle.undo()
+    out = {"n": len(rows), "before": crows_protocol_eval(lm, None, rows),
+           "protocol": crows_protocol_eval(lm, editor, rows), "transfer": transfer}
+    log.info("crows/%s: %s", axis, {k: round(v["crows"], 1) for k, v in out.items() if k != "n"})
+    return out
 
 
 def score_set(lm, editor, axis: str, split: str, n_edits: int, seed: int) -> dict:
-    """Unedited, protocol and transfer scores (both readings) of one StereoSet set."""
+    """Unedited, protocol and transfer scores (both readings) of one StereoSet set (``axis="crows"``: CrowS-Pairs)."""
+    if axis == "crows":
+        return score_crows(lm, editor, split, n_edits, seed)
     rows = load_split("stereoset", split, axis=axis)
     requests = editor_requests(axis, n_edits, seed)
     out = {"n": len(rows), "before": unedited_eval(lm, rows), "protocol": protocol_eval(lm, editor, rows),
@@ -100,9 +118,11 @@ def render_tables(rows: list[dict]) -> str:
         for suffix, name in (("", "mean log-prob"), ("_mean_prob", "mean prob")):
             cells = [_cell(g[k], f"{m}{suffix}") for m in ("ss", "lms", "icat") for k in ("before", "protocol", "transfer")]
             out.append(f"| {r['name']} | {_cfg_label(r)} | {train} | {name} | " + " | ".join(cells) + " |")
-    sets = [k for k in ALL_SETS if any(k in r["sets"] for r in rows)]
-    out += ["", "| row | reading | " + " | ".join(f"{k} SS / LMS (before -> protocol)" for k in sets) + " |",
-            "|" + "---|" * (len(sets) + 2)]
+    sets = [k for k in ALL_SETS if any(k in r["sets"] for r in rows) and not k.startswith("crows:")]
+    crows = [k for k in ALL_SETS if any(k in r["sets"] for r in rows) and k.startswith("crows:")]
+    out += ["", "| row | reading | " + " | ".join(f"{k} SS / LMS (before -> protocol)" for k in sets)
+            + "".join(f" | CrowS {k[6:]} (before -> protocol; transfer)" for k in crows) + " |",
+            "|" + "---|" * (len(sets) + len(crows) + 2)]
     for r in rows:
         for suffix, name in (("", "mean log-prob"), ("_mean_prob", "mean prob")):
             cells = []
@@ -110,6 +130,10 @@ def render_tables(rows: list[dict]) -> str:
                 m = r["sets"].get(k)
                 cells.append("–" if m is None else f"{_cell(m['before'], 'ss' + suffix)} -> {_cell(m['protocol'], 'ss' + suffix)}"
                              f" / {_cell(m['before'], 'lms' + suffix)} -> {_cell(m['protocol'], 'lms' + suffix)}")
+            for k in crows:  # CrowS has one reading (summed log-prob): shown on the first line only
+                m = r["sets"].get(k)
+                cells.append("–" if m is None or suffix else
+                             f"{_cell(m['before'], 'crows')} -> {_cell(m['protocol'], 'crows')}; {_cell(m['transfer'], 'crows')}")
             out.append(f"| {r['name']} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 

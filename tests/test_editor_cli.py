@@ -181,9 +181,9 @@ def test_nan_in_editor_training_names_the_step_and_leaves_the_model(base_dir, mo
     assert all(torch.equal(bits(v), before[k]) for k, v in lm.hf.state_dict().items())
 
 
-def _hand_scores(lm, texts: list[str], mean_prob: bool = False) -> list[float]:
-    """Mean teacher-forced log-prob (or, ``mean_prob``, mean token probability: BiasEdit's reading)
-    after the BOS (EOS if none), plain HF forward per sentence."""
+def _hand_scores(lm, texts: list[str], mean_prob: bool = False, total: bool = False) -> list[float]:
+    """Mean teacher-forced log-prob (or, ``mean_prob``, mean token probability: BiasEdit's reading;
+    ``total``: the summed log-prob, CrowS' default) after the BOS (EOS if none), plain HF forward per sentence."""
     tok = lm.tokenizer
     pre = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     out = []
@@ -192,7 +192,7 @@ def _hand_scores(lm, texts: list[str], mean_prob: bool = False) -> list[float]:
         with torch.no_grad():
             lp = lm.hf(input_ids=torch.tensor([ids])).logits[0].double().log_softmax(-1)
         tok_lp = [float(lp[t - 1, ids[t]]) for t in range(1, len(ids))]
-        out.append(sum(math.exp(x) if mean_prob else x for x in tok_lp) / len(tok_lp))
+        out.append(sum(tok_lp) if total else sum(math.exp(x) if mean_prob else x for x in tok_lp) / len(tok_lp))
     return out
 
 
@@ -248,3 +248,40 @@ def test_time_cap_is_checked_per_step(base_dir):
     train, dev = editor_splits(0)
     res = train_editor(lm, train[:16], dev[:4], EditorConfig(**{**TINY, "epochs": 3, "max_minutes": 1e-9}))
     assert res.status == "time_limit" and [h["steps"] for h in res.history] == [1] and res.best_epoch == 0
+
+
+
+def test_crows_protocol_eval_is_edit_score_undo_per_batch(base_dir, editor_dir):
+    """CrowS-Pairs under the protocol: each batch's requests are its own pairs with ``sent_more`` as the
+    stereotype (the metric's reading), scored by summed token log-prob (the suite's default); with no
+    editor it is the plain score; the swap reading flips the antistereo requests."""
+    from bias_lens import load_model
+    from bias_lens.benchmarks.datasets import load_split
+    from bias_lens.pipeline.biasedit import crows_protocol_eval, crows_requests
+
+    lm = load_model(str(base_dir))
+    editor = Editor.load(lm, editor_dir)
+    rows = load_split("crows-pairs", "test", axis="gender")[:9]
+    before = {k: bits(v).clone() for k, v in lm.hf.state_dict().items()}
+    got = crows_protocol_eval(lm, editor, rows, n_edits=4)
+    assert all(torch.equal(bits(v), before[k]) for k, v in lm.hf.state_dict().items())
+    wins = []
+    for i in range(0, 9, 4):  # batches of 4, 4, 1
+        batch = rows[i : i + 4]
+        reqs = [{"stereotype": r["sent_more"], "anti_stereotype": r["sent_less"]} for r in batch]
+        h = editor_edit(lm, editor, reqs).apply_(lm.hf)
+        more = _hand_scores(lm, [r["sent_more"] for r in batch], total=True)
+        less = _hand_scores(lm, [r["sent_less"] for r in batch], total=True)
+        h.undo()
+        wins += [a > b for a, b in zip(more, less)]
+    assert got["n_batches"] == 3 and got["crows"] == pytest.approx(100 * sum(wins) / 9)
+    plain = crows_protocol_eval(lm, None, rows)
+    more = _hand_scores(lm, [r["sent_more"] for r in rows], total=True)
+    less = _hand_scores(lm, [r["sent_less"] for r in rows], total=True)
+    assert plain["crows"] == pytest.approx(100 * sum(a > b for a, b in zip(more, less)) / 9)
+    swapped = [dict(r, direction="antistereo") for r in rows[:2]]
+    assert [(q["stereotype"], q["anti_stereotype"]) for q in crows_requests(swapped, mode="swap_antistereo")] == \
+        [(r["sent_less"], r["sent_more"]) for r in swapped]
+    assert [q["stereotype"] for q in crows_requests(swapped)] == [r["sent_more"] for r in swapped]
+    with pytest.raises(ValueError, match="mode must be"):
+        crows_requests(rows, mode="nope")

@@ -144,21 +144,31 @@ def _stereoset(lm, rows, opts, batch_size, progress, inter: bool = False):
     return m, details
 
 
-def _crows(lm, rows, opts, batch_size, progress):
+def crows_sentence_scores(lm: Any, rows: Sequence[dict], *, reduce: str = "sum", batch_size: int = 32,
+                          progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """CrowS-Pairs: the (``sent_more``, ``sent_less``) sentence scores of ``rows`` from one forward
+    (``reduce`` as :func:`~.sentence_scoring.sentence_scores`; the suite's default is the summed log-prob)."""
     n = len(rows)
     texts = [r["sent_more"] for r in rows] + [r["sent_less"] for r in rows]
-    sc = sentence_scores(lm, texts, reduce=opts["sentence_score"], batch_size=batch_size, progress=progress).numpy()
-    m = metrics.crows_score(sc[:n], sc[n:], [r["direction"] for r in rows], mode=opts["crows_mode"])
-    details = [{**r, "ll_more": float(a), "ll_less": float(b)} for r, a, b in zip(rows, sc[:n], sc[n:])]
+    sc = sentence_scores(lm, texts, reduce=reduce, batch_size=batch_size, progress=progress).numpy()
+    return sc[:n], sc[n:]
+
+
+def _crows(lm, rows, opts, batch_size, progress):
+    more, less = crows_sentence_scores(lm, rows, reduce=opts["sentence_score"], batch_size=batch_size, progress=progress)
+    m = metrics.crows_score(more, less, [r["direction"] for r in rows], mode=opts["crows_mode"])
+    details = [{**r, "ll_more": float(a), "ll_less": float(b)} for r, a, b in zip(rows, more, less)]
     return m, details
 
 
 def _winogender(lm, rows, batch_size, progress):
     diff, renorm, mass = np.zeros(len(rows)), np.zeros(len(rows)), np.zeros(len(rows))
+    probs = np.zeros((len(rows), 2))
     details: list[dict] = [{} for _ in rows]
     for pair in sorted({tuple(r["targets"]) for r in rows}):
         idx = [i for i, r in enumerate(rows) if tuple(r["targets"]) == pair]
         p = _probs(lm, [rows[i] for i in idx], pair, batch_size, progress)
+        probs[idx] = p
         diff[idx] = p[:, 0] - p[:, 1]
         renorm[idx] = metrics.renormalise(p)[:, 0] - 0.5
         mass[idx] = p.sum(1)
@@ -169,6 +179,7 @@ def _winogender(lm, rows, batch_size, progress):
     m = metrics.winogender_correlation(diff, occ, bls)
     m["winogender_r_renorm"] = metrics.winogender_correlation(renorm, occ, bls)["winogender_r"]
     m["mass"] = float(mass.mean())
+    m.update(metrics.winogender_entropy(probs))  # the paper's entropy difference (default reading)
     return m, details
 
 

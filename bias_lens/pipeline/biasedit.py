@@ -9,6 +9,10 @@
   requests, applied once, every test item scored. This is what ``bias-lens edit --method editor``
   exports and what every other suite measures.
 
+CrowS-Pairs (the cross-benchmark set) is scored under the same protocol by :func:`crows_protocol_eval`:
+each pair becomes one request whose stereotype sentence is the one the CrowS metric counts as
+stereotyping (:func:`crows_requests`), and the suite's own scorer and metric are used.
+
 Both score sentences with the ``stereoset`` suite's own scorer (the teacher-forced token
 log-probabilities after the BOS, :func:`~bias_lens.benchmarks.runners.stereoset_sentence_scores`)
 and the same :func:`~bias_lens.benchmarks.metrics.stereoset_scores`, under two readings from one
@@ -25,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..benchmarks.metrics import stereoset_scores
-from ..benchmarks.runners import stereoset_sentence_scores
+from ..benchmarks.metrics import crows_score, stereoset_scores
+from ..benchmarks.runners import crows_sentence_scores, stereoset_sentence_scores
 from ..edit.editor import editor_edit
 from ..edit.editor_train import batches
 
@@ -94,3 +98,40 @@ def unedited_eval(lm: LensModel, rows: Sequence[dict], *, readings: dict[str, st
                   batch_size: int = 32) -> dict[str, Any]:
     """SS / LMS / ICAT of ``rows`` on the current weights, every reading."""
     return {**reading_metrics([reading_scores(lm, rows, readings, batch_size=batch_size)]), "n": len(rows)}
+
+
+def crows_requests(rows: Sequence[dict], *, mode: str = "metric_py") -> list[dict]:
+    """CrowS-Pairs rows as editor requests: ``stereotype`` = the sentence :func:`~bias_lens.benchmarks.metrics.crows_score`
+    counts as stereotyping (``sent_more``; with ``mode="swap_antistereo"`` ``sent_less`` on ``antistereo`` rows)."""
+    if mode not in ("metric_py", "swap_antistereo"):
+        raise ValueError(f"mode must be 'metric_py' or 'swap_antistereo', got {mode!r}")
+    out = []
+    for r in rows:
+        swap = mode == "swap_antistereo" and r["direction"] == "antistereo"
+        st, an = (r["sent_less"], r["sent_more"]) if swap else (r["sent_more"], r["sent_less"])
+        out.append({"stereotype": st, "anti_stereotype": an, "id": r.get("id")})
+    return out
+
+
+def crows_protocol_eval(lm: LensModel, editor: Editor | None, rows: Sequence[dict], *, n_edits: int | None = None,
+                        mode: str = "metric_py", reduce: str = "sum", batch_size: int = 32,
+                        scale: float = 1.0) -> dict[str, Any]:
+    """CrowS-Pairs score (``crows``, ``crows_stereo``, ``crows_antistereo``) under the test-time protocol:
+    consecutive batches of ``n_edits`` pairs, each edited from its own pairs, scored, undone. ``editor=None``
+    scores the unedited model (the same batches, no edit). Model unchanged on return."""
+    n = n_edits or (editor.config.n_edits if editor is not None else len(rows))
+    more, less = [], []
+    for batch in batches(list(rows), n, drop_last=False):
+        handle = None
+        if editor is not None:
+            handle = editor_edit(lm, editor, crows_requests(batch, mode=mode), method="editor(protocol)",
+                                 scale=scale).apply_(lm.hf)
+        try:
+            m, ls = crows_sentence_scores(lm, batch, reduce=reduce, batch_size=batch_size)
+        finally:
+            if handle is not None:
+                handle.undo()
+        more.append(m)
+        less.append(ls)
+    out = crows_score(np.concatenate(more), np.concatenate(less), [r["direction"] for r in rows], mode=mode)
+    return {**out, "n": len(rows), "n_edits": n, "n_batches": len(more), "scale": scale}
