@@ -14,7 +14,9 @@ Those biases and the constant ``w_k . b2 + b_k`` form one ``bias`` node, so the 
 exactly to ``a_k`` (tested). Edge weights are means over prompts; :func:`trace_circuit` keeps the
 ``top_k`` upstream components by |weight| per node and recurses into upstream neurons
 ``depth`` levels deep (heads, ``embed`` and ``bias`` are leaves; expanding a head would need its
-attention pattern and all positions, which this last-position trace does not keep).
+attention pattern and all positions, which this last-position trace does not keep: that is
+:func:`bias_lens.locate.circuit_positions.trace_circuit_positions`, which reuses
+:func:`residual_contributions` at every position).
 """
 
 from __future__ import annotations
@@ -43,36 +45,57 @@ def _bias_vec(lm, name: str) -> Tensor | None:
     return None if b is None else b.detach().double()
 
 
-def upstream_contributions(
-    lm: LensModel, cache: LastCache, label: str, *, input_dir: str | None = None,
-) -> tuple[list[str], Float[Tensor, "prompt component"], Float[Tensor, " prompt"]]:
-    """Labels, per-prompt contributions to neuron ``label``'s input, and the input itself."""
+def check_neuron(lm: LensModel, label: str) -> tuple[int, int]:
+    """``(layer, index)`` of FFN neuron ``label`` (``L{l}N{k}``); ValueError when it is out of the model's range."""
     l, k = parse_neuron_name(label)
     if not (0 <= l < lm.n_layers and 0 <= k < lm.d_mlp):
         raise ValueError(f"{label}: out of range (layers 0..{lm.n_layers - 1}, neurons 0..{lm.d_mlp - 1})")
-    fn = ln2(lm, l)
-    w = input_rows(lm, l, input_dir)[k]
-    r = fn.read_dir(w)[None] / fn.scale(cache.resid_mid[l])  # [prompt, d_model]
+    return l, k
+
+
+def residual_contributions(
+    lm: LensModel, cache: LastCache, r: Float[Tensor, "prompt d_model"], layer: int, *, mid: bool = True,
+) -> tuple[list[str], Float[Tensor, "prompt component"]]:
+    """Labels and per-prompt inner products ``r . c`` of every component c of a residual read.
+
+    The residual is ``resid_mid`` of ``layer`` (``mid``: heads of layers <= ``layer``) or its
+    ``resid_pre`` (heads of layers < ``layer``); neurons of layers < ``layer``. Columns: ``embed``,
+    per layer its heads ``L{l}H{h}`` then its neurons ``L{l}N{j}``, last ``bias`` (o_proj and
+    down_proj biases). One read direction per cache row, so callers that read another position or
+    another unit (attention value rows) pass a cache of those rows and their own ``r``.
+    """
     labels, cols = ["embed"], [(cache.resid_pre[0] * r).sum(-1, keepdim=True)]
-    bias = torch.zeros(cache.n_prompts, dtype=torch.float64)
+    bias = torch.zeros(r.shape[0], dtype=torch.float64)
     H, dh = lm.n_heads, lm.d_head
-    for lp in range(l + 1):
+    for lp in range(layer + 1 if mid else layer):
         rz = r @ head_out_weight(lm, lp)  # [prompt, H*dh]
         cols.append((cache.attn_z[lp] * rz).view(-1, H, dh).sum(-1))
         labels += [f"L{lp}H{h}" for h in range(H)]
         bo = o_bias(lm, lp)
         bias += r @ bo if bo is not None else 0.0
-        if lp < l:
+        if lp < layer:
             cols.append(cache.mlp_post[lp] * (r @ value_vectors(lm, lp)))
             labels += [f"L{lp}N{j}" for j in range(lm.d_mlp)]
             bd = _bias_vec(lm, f"L{lp}.mlp.down")
             bias += r @ bd if bd is not None else 0.0
+    cols.append(bias[:, None])
+    labels.append("bias")
+    return labels, torch.cat(cols, 1)
+
+
+def upstream_contributions(
+    lm: LensModel, cache: LastCache, label: str, *, input_dir: str | None = None,
+) -> tuple[list[str], Float[Tensor, "prompt component"], Float[Tensor, " prompt"]]:
+    """Labels, per-prompt contributions to neuron ``label``'s input, and the input itself."""
+    l, k = check_neuron(lm, label)
+    fn = ln2(lm, l)
+    w = input_rows(lm, l, input_dir)[k]
+    r = fn.read_dir(w)[None] / fn.scale(cache.resid_mid[l])  # [prompt, d_model]
+    labels, contrib = residual_contributions(lm, cache, r, l, mid=True)
     const = float(w @ fn.bias) if fn.bias is not None else 0.0
     b_in = _bias_vec(lm, f"L{l}.mlp.{input_dir or ('gate' if lm.arch.gated_mlp else 'up')}")
     const += float(b_in[k]) if b_in is not None else 0.0
-    cols.append((bias + const)[:, None])
-    labels.append("bias")
-    contrib = torch.cat(cols, 1)
+    contrib[:, -1] += const
     return labels, contrib, contrib.sum(1)
 
 
