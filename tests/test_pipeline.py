@@ -152,7 +152,9 @@ def test_full_rows_reach_the_edit_plan():
 
     cfg = RunConfig.full()
     plans = {r.name: cfg.plan(r) for r in FULL_ROWS}
-    assert len(plans) == len(FULL_ROWS) == 19
+    assert len(plans) == len(FULL_ROWS) == 20
+    ed = plans["BiasEdit editor"].method
+    assert (ed.kind, ed.bias, ed.max_minutes, ed.config(cfg.seed).loss) == ("editor", "gender", 5.0, "mean_prob_kl")
     mod, neu = plans["module (gap + UB anchor)"].method, plans["neuron (MSME + UB anchor)"].method
     assert (mod.hint.loss, mod.loss, mod.lr, mod.epochs) == ("ub_drop", "gap", 2e-4, 3)
     assert (neu.hint.loss, neu.epochs) == ("hinted_drop", 3)
@@ -220,3 +222,35 @@ def test_report_names_the_rule_and_why_each_row_was_not_exported():
     assert "**No row passed; nothing exported.**" in lines
     assert rule_from_meta({}) == ExportRule.raw()  # runs before the rule was recorded
     assert rule_from_meta({"export_rule": {"objective": "afgb_renorm", "min_mass": 0.8}}).min_mass == 0.8
+
+
+def test_editor_row_runs_in_the_main_job(env):
+    """The BiasEdit row goes through the one driver inside `bias-lens run`: its measured StereoSet
+    SS equals the suite scored by hand on the model edited with the editor's shift from the same
+    requests, its Cost-P is the edited matrices' size, and the model is unchanged afterwards."""
+    from bias_lens.benchmarks.runners import evaluate
+    from bias_lens.edit.editor import Editor, EditorConfig, editor_edit
+    from bias_lens.edit.methods import EditorMethod
+    from bias_lens.pipeline.driver import editor_requests
+
+    lm, folder, tmp = env
+    Editor(lm, EditorConfig(top=2, rank=8, n_edits=4, chunk=4)).save(tmp / "ed")
+    row = EditPlan(EditorMethod(editor_dir=str(tmp / "ed")), name="BiasEdit editor")
+    before = {n: p.detach().clone() for n, p in lm.hf.named_parameters()}
+    cfg = tiny_cfg(folder)
+    from dataclasses import replace
+
+    cfg = replace(cfg, rows=(row,), row_limits={**cfg.row_limits, "stereoset": 6})
+    out = run_pipeline(cfg, tmp / "out", progress=False, lm=lm)
+    assert all(torch.equal(p, before[n]) for n, p in lm.hf.named_parameters())
+    (rec,) = json.loads((out / "results.json").read_text())["rows"]
+    editor = Editor.load(lm, tmp / "ed")
+    d = lm.d_mlp * lm.d_model
+    assert rec["name"] == "BiasEdit editor" and rec["n_changed"] == 2 * d
+    assert rec["info"]["modules"] == ["L1.mlp.down", "L2.mlp.down"] and rec["info"]["n_requests"] == 4
+    h = editor_edit(lm, editor, editor_requests("gender", editor.config.n_edits, cfg.seed)).apply_(lm.hf)
+    try:
+        want = evaluate(lm, "stereoset", "test", limit=6).metrics["ss"]
+    finally:
+        h.undo()
+    assert rec["metrics"]["ss"] == pytest.approx(want)
