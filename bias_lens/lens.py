@@ -122,10 +122,27 @@ class LensModel:
         cap = getattr(self.config, attr, None) if attr else None
         return float(cap) if cap else None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored and run in (the input embedding's)."""
+        return self.embed.weight.dtype
+
     def logits_from_normed(self, normed: torch.Tensor) -> torch.Tensor:
         """Unembedding (and the family's final soft-cap) of an already final-normed residual, e.g.
-        the body's output: what the HF LM head computes from it."""
-        logits = self.unembed(normed.to(self.unembed.weight.device))
+        the body's output: what the HF LM head computes from it.
+
+        In the model's dtype this is the LM head itself. A wider input (float32 ``normed`` on a
+        bfloat16 model: the logit lens asking for unrounded logits) is not cast down: the
+        unembedding runs in the wider dtype, so the logits skip the half-precision rounding.
+        """
+        w = self.unembed.weight
+        x = normed.to(w.device)
+        if x.dtype == w.dtype:
+            logits = self.unembed(x)
+        else:
+            dt = torch.promote_types(x.dtype, w.dtype)
+            b = getattr(self.unembed, "bias", None)
+            logits = torch.nn.functional.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
         cap = self.logit_softcap
         return torch.tanh(logits / cap) * cap if cap is not None else logits
 
@@ -217,7 +234,9 @@ def load_model(
     ``spec`` is the embedded name ``"smollm2-135m"``, a local HF checkpoint folder, or a hub id that
     is already in the local Hugging Face cache (anything else fails at once, with no network
     access, naming what is missing). ``device``, ``dtype`` and ``device_map`` pass through to
-    transformers (``device_map="auto"`` shards a large model with accelerate).
+    transformers (``device_map="auto"`` shards a large model with accelerate). ``dtype`` is
+    ``torch.float32`` (default), ``torch.bfloat16`` or ``torch.float16``, or their names
+    (``"bfloat16"``); see ``docs/half_precision.md`` for what is computed in which precision.
     """
     model, tok, name = load_hf(
         spec, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code

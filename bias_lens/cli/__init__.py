@@ -17,6 +17,10 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..lens import LensModel
 
 COMMANDS: tuple[str, ...] = ("probe", "run", "evaluate", "datasets", "edit", "patch", "locate")
 
@@ -108,9 +112,24 @@ def _quiet_third_party() -> None:
         pass
 
 
+#: ``--dtype`` choices (the names of :data:`bias_lens.loading.DTYPES`, listed here so the parser needs no torch).
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
+
 def add_model_arg(p: argparse.ArgumentParser) -> None:
-    """Add the shared ``--model`` option (embedded name, local HF folder or cached hub id)."""
+    """Add the shared ``--model`` and ``--dtype`` options (what to load, and in which precision)."""
     p.add_argument("--model", default="smollm2-135m", help="embedded name, local HF folder, or cached hub id (default: smollm2-135m)")
+    p.add_argument("--dtype", default="float32", metavar="{" + ",".join(DTYPE_NAMES) + "}",
+                   help="precision of the weights (default float32; see docs/half_precision.md)")
+
+
+def model_from_args(args: argparse.Namespace) -> LensModel:
+    """The :class:`~bias_lens.lens.LensModel` of ``--model`` in ``--dtype``: the one place a command loads
+    its model (a bad ``--dtype`` is a one-line error, exit 2, before anything is read)."""
+    from ..lens import load_model
+    from ..loading import resolve_dtype
+
+    return load_model(args.model, dtype=resolve_dtype(args.dtype))
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:

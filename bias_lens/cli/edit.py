@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import UsageError, add_json_arg, add_model_arg
+from . import UsageError, add_json_arg, add_model_arg, model_from_args
 
 if TYPE_CHECKING:
     from ..pipeline.driver import EditRecord
@@ -85,6 +85,9 @@ def _add_method_args(p: argparse.ArgumentParser, modes: tuple[str, ...], hint_lo
                    help="attribution scale: train down column + gate/up rows (all) or down columns only")
     p.add_argument("--no-general-filter", action="store_true", help="attribution scale: keep general neurons")
     p.add_argument("--drop", choices=("attention", "mlp"), default=None, help="LFTF ablation: w/o attention or MLP")
+    p.add_argument("--nesting", choices=("flat", "msme"), default=None,
+                   help="module/row/neuron scales: flat (default: the all-layer FFN-down module scan, top --k) or msme "
+                   "(MSME Eq. 2-5 nested: layer -> every matrix of it -> half its rows, all edited -> entries in them)")
     p.add_argument("--mask-scale", type=float, default=None, help="--method mask: factor for the masked entries (default 0)")
     p.add_argument("--contrastive-mode", choices=[m for m in modes if m != "mask_switch"], default=None,
                    help="contrastive: interpolate (default), extrapolate or prune")
@@ -131,6 +134,7 @@ def _add_method_args(p: argparse.ArgumentParser, modes: tuple[str, ...], hint_lo
 
 
 METHODS = ("msme", "lftf", "mask", "contrastive", "fpft", "prompt", "dama", "equalise", "editor")
+MASKLESS_METHODS = ("fpft", "prompt", "dama", "editor")  # = edit.methods.MASKLESS (not imported: --help loads no torch)
 EDITOR_BIASES = ("gender", "race", "religion")  # = edit.methods.EDITOR_BIASES (not imported: --help loads no torch)
 #: --method editor flags -> EditorMethod fields (``--batch-size`` is the paper's batch size: requests per shift)
 EDITOR_FLAGS = {"bias": "bias", "editor": "editor_dir", "meta_lr": "meta_lr", "loc_coef": "loc_coef",
@@ -239,11 +243,14 @@ def _check_editor(lm, plan) -> None:
 def _plan(args: argparse.Namespace):
     from ..pipeline.plan import EditPlan, Where
 
+    if args.nesting is not None and (args.method in MASKLESS_METHODS or args.scale == "attribution"):
+        what = f"--method {args.method}" if args.method in MASKLESS_METHODS else f"--scale {args.scale}"
+        raise UsageError(f"--nesting applies to the located module, row and neuron scales, not to {what}")
     try:
         where = None
         if args.scale is not None:
             where = Where(args.scale, args.k, neuron_params=args.neuron_params, drop=args.drop,
-                          general_filter=not args.no_general_filter)
+                          general_filter=not args.no_general_filter, nesting=args.nesting or "flat")
         return EditPlan(_method(args), where, suite=args.suite, n_samples=args.n_samples, seed=args.seed)
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -333,12 +340,11 @@ def unchanged_reason(rec: EditRecord) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Apply the plan built from the flags, export to ``--out`` unless nothing changed (exit 3), then undo."""
-    from ..lens import load_model
     from ..pipeline.driver import apply_plan
 
     plan = _plan(args)
     result = _check_inputs(args, plan)
-    lm = load_model(args.model)
+    lm = model_from_args(args)
     if plan.method.kind == "editor":
         _check_editor(lm, plan)
     measure_batch = 32 if plan.method.kind == "editor" else args.batch_size or 32

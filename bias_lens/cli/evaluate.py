@@ -14,7 +14,7 @@ import math
 import os
 import sys
 
-from . import UsageError, add_json_arg, add_model_arg
+from . import UsageError, add_json_arg, add_model_arg, model_from_args
 
 AXIS_SUITES = ("stereoset", "stereoset-intra", "stereoset-inter", "crows-pairs")
 SENTENCE_SUITES = ("stereoset", "stereoset-intra", "stereoset-inter", "crows-pairs", "winobias")
@@ -160,11 +160,10 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmarks import evaluate
     from ..benchmarks.runners import PROFESSION_SUITES
     from ..io import atomic_write_bytes
-    from ..lens import load_model
     from ..targets import parse_words
 
     targets = parse_words(args.targets) if args.targets else None
-    lm = load_model(args.model)
+    lm = model_from_args(args)
     results = []
     for suite, split in plan:
         extra = _capability_kwargs(args) if len(plan) == 1 else {}

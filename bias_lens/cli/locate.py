@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import UsageError, add_json_arg, add_model_arg
+from . import UsageError, add_json_arg, add_model_arg, model_from_args
 
 log = logging.getLogger(__name__)
 METHODS = ("layer", "bmi", "module", "row", "neuron", "attribution", "general-neurons", "causal", "circuit")
@@ -245,9 +245,8 @@ def run(args: argparse.Namespace) -> int:
     from ..locate.prompts import resolve_prompts
 
     prompts = resolve_prompts(args.suite, args.split, args.n_samples, args.seed, prompts_file=args.prompts_file)
-    from ..lens import load_model
 
-    lm = load_model(args.model)
+    lm = model_from_args(args)
     result, payload = _locate(args, lm, prompts)
     result.model = result.model or lm.name
     if args.out_dir is not None:

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from . import UsageError, add_json_arg, add_model_arg
+from . import UsageError, add_json_arg, add_model_arg, model_from_args
 
 if TYPE_CHECKING:
     from ..lens import LensModel
@@ -53,11 +53,10 @@ def run(args: argparse.Namespace) -> int:
     for i, p in enumerate(args.prompts):
         if not p.strip():
             raise UsageError(f"prompt {i + 1} is empty; pass non-empty prompt text")
-    from ..lens import load_model
     from ..targets import parse_words, resolve_targets
 
     parse_words(args.targets)
-    lm = load_model(args.model)
+    lm = model_from_args(args)
     resolve_targets(lm.tokenizer, args.targets)
     rows = probe_rows(lm, args.prompts, args.targets)
     if args.json:

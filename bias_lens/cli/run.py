@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import UsageError, add_json_arg, add_model_arg
+from . import UsageError, add_json_arg, add_model_arg, model_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,19 +30,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the full or ``--quick`` run configuration and run the pipeline into ``--out``; returns the exit status."""
+    import torch
+
+    from ..loading import resolve_dtype
     from ..pipeline import RunConfig, run_pipeline
     from ..pipeline.runner import check_out
 
     cfg = RunConfig.quick_preset(model=args.model) if args.quick else RunConfig.full(model=args.model)
+    half = resolve_dtype(args.dtype) != torch.float32
+    if half and not args.no_cache:
+        raise UsageError(f"--dtype {args.dtype} needs --no-cache: the stage cache is keyed on the weight files, "
+                         "not their dtype, so it would mix float32 and half-precision results")
     out = Path(args.out) if args.out else None
     if out is not None:
         try:
             check_out(out, args.force)
         except FileExistsError as err:
             raise UsageError(str(err)) from None
+    lm = model_from_args(args) if half else None  # float32: the pipeline loads the model itself, as before
     command = "bias-lens " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "bias-lens run"
     path = run_pipeline(cfg, out, force=args.force, use_cache=not args.no_cache, progress=not args.no_progress,
-                        command=command)
+                        command=command, lm=lm)
     summary = json.loads((path / "results.json").read_text())
     if args.json:
         json.dump({"out": str(path), "best": summary["best"], "org": summary["org"],

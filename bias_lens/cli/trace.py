@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import UsageError, add_json_arg, add_model_arg
+from . import UsageError, add_json_arg, add_model_arg, model_from_args
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,8 @@ def run(args: argparse.Namespace) -> int:
         items = load_json_items(args.items_file)[: args.limit]
     else:
         items = load_tracing_items(args.bias, limit=args.limit)
-    from ..lens import load_model
 
-    lm = load_model(args.model)
+    lm = model_from_args(args)
     trace = bias_trace(lm, items, components=comps, n_noise=args.n_noise, noise_scale=args.noise_scale,
                        noise_std=args.noise_std, window=args.window, seed=args.seed, batch_size=args.batch_size,
                        gap=args.gap, noise_mode=args.noise_mode, prefix=args.prefix, span=args.span,

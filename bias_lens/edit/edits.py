@@ -2,8 +2,10 @@
 
 An :class:`Edit` is data: for each HF parameter, the flat indices (stored layout, row-major) of
 the entries it writes and their new values, plus the shape, dtype and layout it was computed
-for. Computing one never touches the model. :meth:`Edit.apply_` validates everything first
-(so a refused edit changes nothing), then writes the entries in place and returns an
+for. Values are held in that dtype (a wider value, e.g. a float32 master copy of a bfloat16
+weight, is rounded once when the edit is built), so what is applied, counted and saved is exactly
+what the model stores; undo restores the original bits in any dtype. Computing one never touches
+the model. :meth:`Edit.apply_` validates everything first (so a refused edit changes nothing), then writes the entries in place and returns an
 :class:`EditHandle` holding only the original values of those entries; :meth:`EditHandle.undo`
 writes them back bit-exactly. Edits compose with :meth:`Edit.then` (later edit wins on overlap).
 
@@ -99,6 +101,9 @@ class Edit:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # values in the parameter's dtype, rounded once here (a float32 master copy of a bfloat16 weight),
+        # so apply_, changed_counts and patches see the bits that are written; a new dict: the caller's is kept
+        self.values = {n: v.to(self.dtypes[n]) if n in self.dtypes else v for n, v in self.values.items()}
         for name, idx in self.indices.items():
             v = self.values[name]
             if idx.ndim != 1 or v.ndim != 1 or idx.shape != v.shape:

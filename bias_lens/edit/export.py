@@ -5,7 +5,8 @@
 * ``config.json`` (quantization entries removed), ``*.safetensors`` weights of the real HF model
   (never TransformerLens-processed weights), the tokenizer with its chat template, and
   ``generation_config.json``;
-* ``bias_lens_edit.json``: base model name and sha256 of its weights, each parameter that differs
+* ``bias_lens_edit.json``: base model name and sha256 of its weights, the dtype the weights are
+  written in (the model's: a bfloat16 model exports bfloat16), each parameter that differs
   from the base with its number of changed entries, the method, hyper-parameters, seed, metrics
   before/after and the bias_lens version.
 
@@ -65,16 +66,21 @@ def _write(lm, tmp: Path) -> None:
 
 
 def changed_entries(base: Path, folder: Path) -> dict[str, int]:
-    """Bitwise count of differing entries per tensor between two checkpoint folders."""
+    """Bitwise count of differing entries per tensor between two checkpoint folders.
+
+    When the export's dtype differs from the base's (a bfloat16 model loaded from a float32
+    checkpoint), the base is compared as loaded: rounded once to the exported dtype, as
+    ``from_pretrained(dtype=...)`` rounds it, so an unedited entry counts as unchanged.
+    """
     a, b = _checkpoint_tensors(base), _checkpoint_tensors(folder)
     if set(a) != set(b):
         raise ExportError(f"exported tensors differ in names from the base: {sorted(set(a) ^ set(b))[:5]}")
     out = {}
     for n in a:
         ta, tb = a[n][1][n], b[n][1][n]
-        if ta.shape != tb.shape or ta.dtype != tb.dtype:
+        if ta.shape != tb.shape or not (ta.dtype == tb.dtype or ta.is_floating_point() and tb.is_floating_point()):
             raise ExportError(f"{n}: exported {tuple(tb.shape)} {tb.dtype} vs base {tuple(ta.shape)} {ta.dtype}")
-        k = int((bits(ta.reshape(-1)) != bits(tb.reshape(-1))).sum())
+        k = int((bits(ta.reshape(-1).to(tb.dtype)) != bits(tb.reshape(-1))).sum())
         if k:
             out[n] = k
     return out
@@ -142,6 +148,7 @@ def export_checkpoint(
             "base_path": str(base_dir) if base_dir else None,
             "base_sha256": weights_sha256(base_dir) if base_dir else None,
             "params": changed_entries(base_dir, tmp) if base_dir else {},
+            "dtype": str(next(lm.hf.parameters()).dtype).removeprefix("torch."),
             "method": method,
             "hyperparams": hyperparams or {},
             "seed": seed,

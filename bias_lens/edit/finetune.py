@@ -140,6 +140,9 @@ class FinetuneResult:
     history: list[dict] = field(default_factory=list)
     optimizer_state_numel: int = 0
     config: dict[str, Any] = field(default_factory=dict)
+    #: the master copy (:func:`master_dtype`) of the masked entries of the returned edit, flat in mask
+    #: order per parameter; ``edit.values`` are these rounded once to the model's dtype
+    master: dict[str, Tensor] | None = None
 
 
 def _samples_to_batches(samples: Sequence[dict], bs: int, gen: torch.Generator) -> list[list[dict]]:
@@ -169,9 +172,23 @@ def _hint_chunks(lm, hint: Sequence[dict], bs: int, seed: int, tid: Tensor) -> l
     return out
 
 
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the trainable master copy of masked entries stored in ``dtype``: at least float32.
+
+    A bfloat16 weight moves in steps of 2^-8 of its size, so an Adam step of ~lr (1e-5 .. 1e-3)
+    written into it directly would mostly round away; the master copy keeps every step, and the
+    weights the forward pass uses are the master rounded once. For float32 this is float32 itself
+    (nothing changes)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 @dataclass
 class _Deltas:
-    """The trainable state: one delta vector per masked tensor, over frozen base weights."""
+    """The trainable state: one delta vector per masked tensor, over frozen base weights.
+
+    ``base_vals + delta`` (both :func:`master_dtype`: float32 for a half-precision model) is the
+    master copy of the masked entries only; the model never holds a float32 copy of a matrix.
+    """
 
     names: list[str]
     params: dict[str, Tensor]
@@ -187,23 +204,31 @@ class _Deltas:
         names = mask.names
         idx = {n: mask.indices(n).to(params[n].device) for n in names}
         base = {n: params[n].detach() for n in names}
-        vals = {n: base[n].reshape(-1)[idx[n]].clone() for n in names}
+        vals = {n: base[n].reshape(-1)[idx[n]].to(master_dtype(params[n].dtype)) for n in names}
         lay = layouts(lm.hf)
-        deltas = {n: torch.zeros(len(idx[n]), dtype=params[n].dtype, device=params[n].device, requires_grad=True)
+        deltas = {n: torch.zeros(len(idx[n]), dtype=vals[n].dtype, device=params[n].device, requires_grad=True)
                   for n in names}
         return cls(names, params, idx, base, vals, deltas, {n: lay[n] for n in names})
 
+    def master(self, deltas: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The master copy ``base_vals + delta`` of the masked entries (float32 for a half-precision model)."""
+        return {n: self.base_vals[n] + deltas[n] for n in self.names}
+
     def overrides(self) -> dict[str, Tensor]:
-        """Differentiable full tensors ``W + scatter(delta)`` for :func:`torch.func.functional_call`."""
-        return {n: self.base[n].reshape(-1).index_add(0, self.idx[n], self.deltas[n]).view_as(self.base[n])
-                for n in self.names}
+        """Differentiable full tensors for :func:`torch.func.functional_call`: ``W`` with its masked
+        entries set to the master copy rounded once to ``W``'s dtype (float32: ``W + scatter(delta)``)."""
+        master = self.master(self.deltas)
+        return {n: self.base[n].reshape(-1).index_copy(0, self.idx[n], master[n].to(self.base[n].dtype))
+                .view_as(self.base[n]) for n in self.names}
 
     def snapshot(self) -> dict[str, Tensor]:
         return {n: d.detach().clone() for n, d in self.deltas.items()}
 
     def edit(self, snap: dict[str, Tensor], method: str, cfg: FinetuneConfig) -> Edit:
+        """The :class:`Edit` writing the master copy of ``snap`` rounded once to each weight's dtype."""
         n_ = self.names
-        vals = {n: (self.base_vals[n] + snap[n]).detach().cpu() for n in n_}
+        master = self.master(snap)
+        vals = {n: master[n].detach().to(self.params[n].dtype).cpu() for n in n_}
         return Edit({n: self.idx[n].cpu() for n in n_}, vals, {n: tuple(self.params[n].shape) for n in n_},
                     {n: self.params[n].dtype for n in n_}, dict(self.layout), method, {"config": cfg.to_dict()})
 
@@ -338,7 +363,8 @@ def masked_finetune(
             pbar.close()
     state_numel = sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0)
     edit = None if status == "nan" else state.edit(best, method, cfg)
-    return FinetuneResult(edit, status, stopper.best_step, nan_step, stopper.history, state_numel, cfg.to_dict())
+    master = None if edit is None else {n: v.detach().cpu() for n, v in state.master(best).items()}
+    return FinetuneResult(edit, status, stopper.best_step, nan_step, stopper.history, state_numel, cfg.to_dict(), master)
 
 
 def _check(lm, state: _Deltas, stopper: EarlyStopping, best: dict[str, Tensor], step: int, method: str,
