@@ -25,20 +25,32 @@ token; the earlier behaviour). ``PositionStats.start_token`` records which: ``"b
   eligible prompts.
 * :func:`masking_effect` — retention after masking the top-n general neurons vs the top-n filtered
   bias neurons (see :func:`bias_lens.locate.causal.retention`).
+
+The paper's general-neuron experiment (masking two ``<start>`` neurons drops arithmetic 51.9% ->
+7.5%; its Table 3 lists the coefficient changes of the deeper neurons they feed):
+
+* :func:`rank_general` — detected general neurons re-scored by their write at the start position
+  (``mean |m_k[0]| * ||v_k||``; the outsized fraction ties at 1.0 for hundreds of neurons);
+* :func:`capability_accuracy` / :func:`capability_masking` — the capability suites' arithmetic and
+  MMLU prompts, with the start token prepended when the neurons were found with it, scored before
+  and after masking the top n (:class:`CapabilityMasking`);
+* :func:`coefficient_changes` — the deeper FFN neurons' coefficient changes at the start and the
+  last position (:class:`CoefficientShift` of :class:`CoefficientChange` rows), via
+  :func:`position_coefficients`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ..arch import neurons_to_dict, parse_neuron_name
-from ..hooks import HookInfo, mask_neurons
+from ..hooks import Hook, HookInfo, mask_neurons
 from ..scoring import check_prompts, iter_batches
 from ..targets import TargetSet
 from .attribution import base_model, check_pair, logit_diff_dir, norm_parts, value_vectors
@@ -219,3 +231,227 @@ def masking_effect(
             out[key] = retention_fn(lm)[0]
         out[f"{key}_neurons"] = labels
     return out
+
+
+# --------------------------------------------------------------------------- the general-neuron experiment
+@dataclass(frozen=True)
+class CapabilityMasking:
+    """Capability scores with nothing masked (``before``) and with ``neurons`` masked (``after``).
+
+    Keys: ``arithmetic`` (greedy exact-match accuracy), ``arithmetic_answer_logprob`` (mean summed
+    log p(answer | prompt)), ``mmlu`` (0-shot letter-argmax accuracy); ``n_items`` per suite.
+    """
+
+    neurons: list[str]
+    start_token: str
+    before: dict[str, float]
+    after: dict[str, float]
+    n_items: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy of every field."""
+        return {"neurons": list(self.neurons), "start_token": self.start_token, "before": dict(self.before),
+                "after": dict(self.after), "n_items": dict(self.n_items)}
+
+
+def _resolve_start(general: LocateResult | Sequence[str], start_token: bool | None) -> bool:
+    """``start_token`` if given, else whether ``general`` (a result) was found with a start token."""
+    if start_token is not None:
+        return bool(start_token)
+    kind = general.extras.get("start_token") if isinstance(general, LocateResult) else None
+    if kind is None:
+        raise ValueError("cannot tell whether these neurons were found with the start token prepended; "
+                         "pass start_token=True or False (or a detect_general result, which records it)")
+    return kind != "first-token"
+
+
+def _check_limit(name: str, v: int | None) -> None:
+    if v is not None and v < 1:
+        raise ValueError(f"{name} must be >= 1 (or None for all items), got {v}")
+
+
+def capability_accuracy(
+    lm: LensModel, *, start_token: bool, arithmetic_split: str = "test", arithmetic_limit: int | None = 150,
+    mmlu_split: str = "val", mmlu_limit_per_subject: int | None = 1, mmlu_limit: int | None = None,
+    batch_size: int = 16,
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Arithmetic and MMLU scores of ``lm`` as it is (hooks installed by the caller apply).
+
+    The prompts are the capability suites' own (:mod:`bias_lens.benchmarks.capability`: arithmetic
+    ``"a op b="`` scored by greedy exact match of the answer's tokens, MMLU 0-shot Hendrycks
+    prompts scored by the argmax over the letters " A".." D"), with the same row order and limits.
+    The suites themselves score the raw prompts with the tokenizer's defaults (no BOS on SmolLM2);
+    ``start_token=True`` prepends the model's start token first (:func:`with_start_token`), so
+    position 0 is ``<start>`` as in the paper's models. With ``start_token=False`` the numbers are
+    ``evaluate(lm, "arithmetic" | "mmlu", ...)``'s.
+    """
+    from ..benchmarks import capability_data as cd
+    from ..benchmarks.capability import accuracy_se, capability_splits
+    from ..benchmarks.next_token import next_token_logprobs
+    from ..benchmarks.sentence_scoring import continuation_scores
+    from ..targets import resolve_targets
+
+    for suite, split in (("arithmetic", arithmetic_split), ("mmlu", mmlu_split)):
+        if split not in capability_splits(suite):
+            raise ValueError(f"{suite} has no split {split!r}; choose one of {', '.join(capability_splits(suite))}")
+    for name, v in (("arithmetic_limit", arithmetic_limit), ("mmlu_limit_per_subject", mmlu_limit_per_subject),
+                    ("mmlu_limit", mmlu_limit)):
+        _check_limit(name, v)
+    rows = cd.arithmetic_splits()[arithmetic_split][:arithmetic_limit]
+    prompts, _ = with_start_token(lm, [r["prompt"] for r in rows], start_token)
+    lp, hit = continuation_scores(lm, prompts, [r["answer"] for r in rows], batch_size=batch_size)
+    out = {"arithmetic": accuracy_se(hit.tolist())[0], "arithmetic_answer_logprob": float(lp.mean())}
+    mrows = [r for s in cd.mmlu_subjects() for r in cd.mmlu_rows(s, mmlu_split)[:mmlu_limit_per_subject]][:mmlu_limit]
+    prompts, _ = with_start_token(lm, [cd.mmlu_prompt(r, 0) for r in mrows], start_token)
+    letters = resolve_targets(lm.tokenizer, cd.LETTERS, context="Answer:")
+    lps = next_token_logprobs(lm, prompts, letters, batch_size=batch_size)
+    gold = torch.tensor([cd.LETTERS.index(r["answer"]) for r in mrows])
+    out["mmlu"] = accuracy_se((lps.argmax(1) == gold).tolist())[0]
+    out["mmlu_answer_logprob"] = float(lps[torch.arange(len(mrows)), gold].mean())
+    return out, {"arithmetic": len(rows), "mmlu": len(mrows)}
+
+
+def capability_masking(
+    lm: LensModel, general: LocateResult | Sequence[str], *, n: int = 2, start_token: bool | None = None,
+    before: tuple[dict[str, float], dict[str, int]] | None = None, **limits: Any,
+) -> CapabilityMasking:
+    """Arithmetic and MMLU accuracy before and after masking the top ``n`` of ``general`` (the paper's
+    general-neuron experiment: masking two ``<start>`` neurons drops arithmetic 51.9% -> 7.5%).
+
+    ``general`` is a result (its top ``n`` by score) or labels (the first ``n``). The capability
+    prompts get the start token prepended when the neurons were found with it (``start_token=None``
+    reads ``general.extras["start_token"]``, as :func:`detect_general` records it; a plain label
+    list needs an explicit bool): general neurons live at the start position, so on prompts
+    without that position (SmolLM2's tokenizer adds none) the masked neurons fire on the first
+    word instead and the experiment would measure something else. ``limits`` are
+    :func:`capability_accuracy`'s keywords (splits, item limits, ``batch_size``); ``before`` is
+    its unmasked output for the same ``start_token`` and limits, to skip that pass (controls).
+    """
+    start = _resolve_start(general, start_token)
+    labels = general.top_labels(n) if isinstance(general, LocateResult) else list(general)[:n]
+    if n < 1 or len(labels) < n:
+        raise ValueError(f"need n >= 1 neurons to mask and at least n of them, got n={n} and {len(labels)}")
+    kind = with_start_token(lm, ["x"], start)[1]
+    base, n_items = before if before is not None else capability_accuracy(lm, start_token=start, **limits)
+    with lm.hooks(mask_neurons(neurons_to_dict(labels))):
+        after, _ = capability_accuracy(lm, start_token=start, **limits)
+    return CapabilityMasking(labels, kind, dict(base), after, dict(n_items))
+
+
+@dataclass(frozen=True)
+class CoefficientChange:
+    """One deeper FFN neuron's mean coefficient (activation ``m_k``) at one position, before and
+    after the general neurons are masked."""
+
+    label: str
+    position: str
+    before: float
+    after: float
+
+    @property
+    def change(self) -> float:
+        """``after - before``."""
+        return self.after - self.before
+
+
+@dataclass(frozen=True)
+class CoefficientShift:
+    """The paper's Table 3: the deeper neurons whose coefficients move most when ``masked`` are
+    masked, at the start position and at the last position (``top_k`` each, largest |change| first)."""
+
+    masked: list[str]
+    start_token: str
+    n_prompts: int
+    layers: list[int]
+    start: list[CoefficientChange]
+    last: list[CoefficientChange]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (each change as ``label, position, before, after, change``)."""
+        rows = lambda cs: [{**vars(c), "change": c.change} for c in cs]  # noqa: E731
+        return {"masked": list(self.masked), "start_token": self.start_token, "n_prompts": self.n_prompts,
+                "layers": list(self.layers), "start": rows(self.start), "last": rows(self.last)}
+
+
+@torch.no_grad()
+def position_coefficients(
+    lm: LensModel, prompts: Sequence[str], layers: Sequence[int], *, hooks: Sequence[Hook] = (), absolute: bool = False,
+    batch_size: int = 16,
+) -> Float[Tensor, "2 layer d_mlp"]:
+    """Mean over ``prompts`` of the FFN coefficients ``m_k`` (``L{l}.mlp.post``; ``|m_k|`` if
+    ``absolute``) of ``layers`` at position 0 (row 0) and at each prompt's last real token (row 1),
+    with ``hooks`` installed. The prompts are taken as given (prepend the start token first)."""
+    prompts = check_prompts(prompts)
+    layers = list(layers)
+    total = torch.zeros(2, len(layers), lm.d_mlp, dtype=torch.float64)
+    for b in iter_batches(lm.tokenizer, prompts, batch_size, device=lm.device):
+        rows = torch.arange(b.input_ids.shape[0], device=lm.device)
+
+        def keep(t: Tensor, *, hook: HookInfo) -> None:
+            """sum the first- and last-position coefficients of this batch"""
+            v = torch.stack([t[:, 0], t[rows, b.last.to(t.device)]]).double()
+            total[:, layers.index(hook.layer)] += (v.abs() if absolute else v).sum(1).cpu()
+
+        with lm.hooks(list(hooks) + [(f"L{l}.mlp.post", keep) for l in layers]):
+            base_model(lm)(**b.model_inputs())
+    return total / len(prompts)
+
+
+def coefficient_changes(
+    lm: LensModel, prompts: Sequence[str], masked: Sequence[str], *, top_k: int = 10, start_token: bool = True,
+    batch_size: int = 16,
+) -> CoefficientShift:
+    """The deeper FFN neurons' coefficient changes when ``masked`` (FFN neuron labels) are masked.
+
+    Deeper = every layer above the shallowest masked neuron's (the masked neurons themselves left
+    out). For each neuron the mean over ``prompts`` of ``m_k`` at the start position and at the
+    last position is read in two forwards (unmasked, masked; ``start_token`` prepends the start
+    token as :func:`with_start_token`), and the ``top_k`` largest ``|after - before|`` per position
+    are returned. With the start token, position 0 sees only itself, so its row is one value per
+    neuron, not an average over different contexts.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    masked = list(masked)
+    if not masked:
+        raise ValueError("no neurons to mask; pass at least one FFN neuron label such as 'L3N7'")
+    to_mask = neurons_to_dict(masked)
+    layers = list(range(min(to_mask) + 1, lm.n_layers))
+    if not layers:
+        raise ValueError(f"the masked neurons are in the last layer ({min(to_mask)}): no deeper neurons to read")
+    prompts, kind = with_start_token(lm, prompts, start_token)
+    before = position_coefficients(lm, prompts, layers, batch_size=batch_size)
+    after = position_coefficients(lm, prompts, layers, hooks=mask_neurons(to_mask), batch_size=batch_size)
+    skip = {(layers.index(l), k) for l, ks in to_mask.items() if l in layers for k in ks}
+    out = []
+    for p, pos in enumerate(("start", "last")):
+        delta = (after[p] - before[p]).abs()
+        for li, k in skip:
+            delta[li, k] = -1.0
+        idx = delta.reshape(-1).topk(min(top_k, delta.numel() - len(skip))).indices
+        out.append([CoefficientChange(f"L{layers[int(i) // lm.d_mlp]}N{int(i) % lm.d_mlp}", pos,
+                                      float(before[p].reshape(-1)[i]), float(after[p].reshape(-1)[i])) for i in idx])
+    return CoefficientShift(masked, kind, len(prompts), layers, out[0], out[1])
+
+
+def rank_general(
+    lm: LensModel, general: LocateResult, prompts: Sequence[str], *, start_token: bool | None = None,
+    batch_size: int = 16,
+) -> LocateResult:
+    """``general`` re-scored by the size of each neuron's write at the start position, mean over
+    ``prompts`` of ``|m_k[0]| * ||v_k||`` (``v_k`` = its down-projection column), largest first.
+
+    :func:`detect_general`'s score (the outsized fraction) ties at 1.0 for hundreds of neurons on
+    SmolLM2, so "the top two" needs a second criterion; the paper's general neurons are the ones
+    that write most at ``<start>``. ``start_token=None`` follows ``general.extras["start_token"]``.
+    """
+    start = _resolve_start(general, start_token)
+    prompts, _ = with_start_token(lm, prompts, start)
+    parsed = [parse_neuron_name(lab) for lab in general.labels]
+    layers = sorted({l for l, _ in parsed})
+    m0 = position_coefficients(lm, prompts, layers, absolute=True, batch_size=batch_size)[0]
+    norms = {l: value_vectors(lm, l).norm(dim=0) for l in layers}
+    scores = torch.tensor([float(m0[layers.index(l), k] * norms[l][k]) for l, k in parsed], dtype=torch.float64)
+    extras = {**general.extras, "outsized_frac": general.scores.tolist(), "rank_by": "mean |m_k[start]| * ||v_k||"}
+    return LocateResult(general.method, list(general.labels), scores, variant=f"{general.variant},start-write",
+                        extras=extras, model=general.model, n_samples=general.n_samples)
