@@ -118,7 +118,7 @@ def _modules(lm, prompts, plan):
 def _rows(lm, prompts, plan):
     from ..locate.gradients import row_scale
 
-    return row_scale(lm, prompts, _top_module(lm, prompts))
+    return row_scale(lm, prompts, _top_module(lm, prompts), order=plan.where.row_order)
 
 
 def _neurons(lm, prompts, plan, module: str | None = None):
@@ -133,7 +133,7 @@ def _neurons(lm, prompts, plan, module: str | None = None):
         hint = hint_samples(plan)[0] if plan.method.keep_hint else None
         return solution_entries(lm, module, [{"prompt": p} for p in prompts], k=plan.where.k_eff, hint=hint,
                                 config=plan.method.config())
-    return neuron_scale(lm, prompts, module)
+    return neuron_scale(lm, prompts, module, order=plan.where.row_order, keep=plan.where.row_keep)
 
 
 def _top_module(lm, prompts) -> str:
@@ -153,23 +153,90 @@ def entries_of(module: str) -> Callable:
     return locate_entries
 
 
-#: scale -> locator on the train prompts (when no locate result is given)
+def _nested_modules(lm, prompts, plan):
+    """MSME Eq. 3 inside Eq. 2's located blocks: the module scan of every weight matrix (``attn.q|k|v|o``,
+    ``mlp.gate|up|down``; whole sub-blocks are not editable matrices) of the ``n_layers`` top layers.
+    ``extras["chain"]`` starts the located chain (layer scores, every scanned module, the exact ties)."""
+    from ..labels import LayerLabel, parse_as
+    from ..locate.modules import available_modules, module_scale
+    from .locate_stage import WEIGHT_MODULES
+
+    n = plan.where.n_layers
+    if n > lm.n_layers:
+        raise ValueError(f"n-layers {n} exceeds the model's {lm.n_layers} layers")
+    lay = _layers(lm, prompts, plan)
+    top = lay.top_labels(n)
+    layers = [parse_as(lab, LayerLabel).layer for lab in top]
+    res = module_scale(lm, prompts, layers=layers, modules=[m for m in available_modules(lm) if m in WEIGHT_MODULES])
+    best = res.top_labels(1)[0]
+    res.extras["chain"] = {
+        "nesting": "msme", "layer_result": lay.variant, "layers": top, "layer_scores": [lay.score_of(t) for t in top],
+        "modules": dict(zip(res.labels, res.scores.tolist())), "module": res.top_labels(plan.where.k_eff),
+        # zero-ablation ties exactly (no biases: q = k, v = o, gate = up = down); the stable rank keeps scan order
+        "module_ties": [lab for lab in res.labels if res.score_of(lab) == res.score_of(best)],
+    }
+    return res
+
+
+def _nested_rows(lm, prompts, plan):
+    """MSME Eq. 4 inside the nested scan's top module: ``row_keep`` of its rows, in ``row_order``."""
+    from ..locate.gradients import row_scale
+
+    mod = _nested_modules(lm, prompts, plan)
+    w = plan.where
+    rows = row_scale(lm, prompts, mod.top_labels(1)[0], order=w.row_order, keep=w.row_keep)
+    x = rows.extras
+    rows.extras["chain"] = {**mod.extras["chain"], "module": x["module"], "rows": {
+        k: x[k] for k in ("order", "keep", "n_rows", "n_selected", "selected_rows")}}
+    return rows
+
+
+def _nested_neurons(lm, prompts, plan):
+    """MSME Eq. 5 inside the kept rows of :func:`_nested_rows` (the whole entry set is the edit)."""
+    from ..locate.gradients import neuron_scale
+
+    rows = _nested_rows(lm, prompts, plan)
+    ent = neuron_scale(lm, prompts, rows.extras["module"], rows=rows)
+    ent.extras["chain"] = {**rows.extras["chain"], "entries": {
+        "n_entries": ent.extras["n_entries"], "n_rows": ent.extras["n_rows"], "top": ent.top_labels(10)}}
+    return ent
+
+
+#: scale -> locator on the train prompts (when no locate result is given); ``NESTED_LOCATORS``:
+#: the same scales nested as MSME writes them (``Where.nesting == "msme"``)
 LOCATORS: dict[str, Callable] = {"layer": _layers, "module": _modules, "row": _rows, "neuron": _neurons,
                                  "attribution": _attribution}
+NESTED_LOCATORS: dict[str, Callable] = {"module": _nested_modules, "row": _nested_rows, "neuron": _nested_neurons}
 
 
 def locate(lm: LensModel, plan: EditPlan, train: list[dict]) -> LocateResult:
-    """The plan scale's locate result on the train prompts."""
-    return LOCATORS[plan.scale](lm, [s["prompt"] for s in train], plan)
+    """The plan scale's locate result on the train prompts (nested when ``plan.where.nesting == "msme"``)."""
+    table = NESTED_LOCATORS if plan.where.nesting == "msme" else LOCATORS
+    return table[plan.scale](lm, [s["prompt"] for s in train], plan)
 
 
 def located_labels(plan: EditPlan, result: LocateResult) -> list[str]:
-    """The top ``k`` labels of ``result`` (attribution: neuron labels only, in rank order)."""
+    """The top ``k`` labels of ``result`` (attribution: neuron labels only, in rank order). MSME
+    nesting: every kept row of the row result (its ``extras["n_selected"]``) and every entry of the
+    neuron result, in rank order."""
     if plan.scale == "attribution":
         from ..edit.neuron_masking import select_neurons
 
         return select_neurons(result, plan.where.k_eff)
+    if plan.where.nesting == "msme" and plan.scale in ("row", "neuron"):
+        n = result.extras.get("n_selected") if plan.scale == "row" else len(result.labels)
+        if n is None:
+            raise ValueError("an msme-nested row plan needs a row_scale result (its extras['n_selected'] kept rows)")
+        return result.top_labels(n)
     return result.top_labels(min(plan.where.k_eff, len(result.labels)))
+
+
+def located_chain(plan: EditPlan, located: LocateResult | None) -> dict[str, Any]:
+    """``{"located_chain": ...}`` for an msme-nested plan (layer -> module -> rows -> entries, as located;
+    a given result without one records its own method), else ``{}``."""
+    if plan.where is None or plan.where.nesting != "msme" or located is None:
+        return {}
+    return {"located_chain": located.extras.get("chain", {"nesting": "msme", "given_result": located.method})}
 
 
 def build_mask(lm: LensModel, plan: EditPlan, result: LocateResult) -> ParamMask:
@@ -316,6 +383,7 @@ def apply_plan(lm: LensModel, plan: EditPlan, located: LocateResult | None = Non
         return EditRun(rec, None, None, located)
     edit, info = compute_edit(lm, plan, mask, train, dev)
     artifacts = info.pop("artifacts", {})
+    info.update(located_chain(plan, located))
     n_changed = int(sum(edit.changed_counts(lm.hf).values()))
     handle = edit.apply_(lm.hf)
     try:

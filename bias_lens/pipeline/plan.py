@@ -12,8 +12,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..edit.methods import MASKLESS, Finetune, Masking, method_from_dict, method_to_dict, with_training
+from ..locate.gradients import ORDERS
 
 SCALES = ("layer", "module", "row", "neuron", "attribution")
+#: how the located scales nest: ``flat`` (the all-layer FFN-down module scan, rows/entries of its top
+#: module, top-``k`` of each) or ``msme`` (MSME Eq. 2 -> 3 -> 4 -> 5, each inside the previous)
+NESTINGS = ("flat", "msme")
+#: the scales ``nesting="msme"`` nests inside the located layer(s)
+NESTED_SCALES = ("module", "row", "neuron")
 #: Default number of located labels per scale (a block, a module, rows, entries, FFN neurons).
 DEFAULT_K = {"layer": 1, "module": 1, "row": 4, "neuron": 4096, "attribution": 8}
 #: suites with real-world gender shares per prompt (what the fine-tuning losses need)
@@ -27,13 +33,25 @@ class Where:
     ``neuron_params`` (attribution scale): ``"all"`` trains each neuron's down column and gate/up
     rows, ``"down"`` only its down column (masking always uses the down column). ``drop``: LFTF's
     ablation, remove the attention (``"attention"``) or MLP (``"mlp"``) tensors from the mask.
-    ``general_filter`` (attribution scale, CLI locate): drop general neurons before ranking."""
+    ``general_filter`` (attribution scale, CLI locate): drop general neurons before ranking.
+
+    ``nesting`` (module/row/neuron scales): ``"flat"`` ranks the all-layer FFN-down module scan and
+    edits the top ``k`` labels of the scale; ``"msme"`` nests the scales as MSME writes them: the
+    ``n_layers`` top blocks of the layer score (Eq. 2), the module scan over every weight matrix of
+    those blocks (Eq. 3; the top ``k`` modules are the module edit), the ``row_keep`` fraction of the
+    top module's rows (Eq. 4; the row edit updates all of them, so ``k`` is refused) and the Eq. 5
+    entries inside those rows (the neuron edit updates the whole entry set). ``row_order``: Eq. 4's
+    ranking (``"descending"`` as written, ``"ascending"``), row and neuron scales."""
 
     scale: str
     k: int | None = None
     neuron_params: str = "all"
     drop: str | None = None
     general_filter: bool = True
+    nesting: str = "flat"
+    n_layers: int = 1
+    row_keep: float = 0.5
+    row_order: str = "descending"
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -44,6 +62,31 @@ class Where:
             raise ValueError(f"neuron-params must be 'all' or 'down', got {self.neuron_params!r}")
         if self.drop not in (None, "attention", "mlp"):
             raise ValueError(f"drop must be 'attention' or 'mlp', got {self.drop!r}")
+        self._check_nesting()
+
+    def _check_nesting(self) -> None:
+        """The nesting fields: known values, and only where they change the located weights."""
+        if self.nesting not in NESTINGS:
+            raise ValueError(f"nesting must be one of {', '.join(NESTINGS)}, got {self.nesting!r}")
+        if self.row_order not in ORDERS:
+            raise ValueError(f"row-order must be one of {', '.join(ORDERS)}, got {self.row_order!r}")
+        if not 0 < self.row_keep <= 1:
+            raise ValueError(f"row-keep must be a fraction in (0, 1], got {self.row_keep}")
+        if self.n_layers < 1:
+            raise ValueError(f"n-layers must be >= 1, got {self.n_layers}")
+        msme = self.nesting == "msme"
+        if msme and self.scale not in NESTED_SCALES:
+            raise ValueError(f"nesting 'msme' nests the {', '.join(NESTED_SCALES)} scales inside the located layer(s); "
+                             f"the {self.scale} scale has no nesting (use nesting 'flat')")
+        if msme and self.scale in ("row", "neuron") and self.k is not None:
+            raise ValueError(f"nesting 'msme' edits every kept row / the whole entry set at the {self.scale} scale; "
+                             "set row-keep instead of k")
+        if not msme and self.n_layers != 1:
+            raise ValueError("n-layers counts the located layers of nesting 'msme'; pass nesting 'msme' or drop it")
+        rows_used = self.scale == "neuron" or (self.scale == "row" and msme)
+        if (self.row_keep != 0.5 and not rows_used) or (self.row_order != "descending" and self.scale not in ("row", "neuron")):
+            raise ValueError(f"row-keep / row-order change nothing at the {self.scale} scale with nesting "
+                             f"{self.nesting!r} (row-order: row and neuron scales; row-keep: neuron, and row with 'msme')")
 
     @property
     def k_eff(self) -> int:
@@ -73,6 +116,9 @@ class EditPlan:
             raise ValueError(f"editing needs a profession suite with real-world shares: {', '.join(PROFESSION_SUITES)}")
         if self.n_samples < 1:
             raise ValueError(f"n-samples must be >= 1, got {self.n_samples}")
+        if self.where is not None and self.where.nesting == "msme" and kind == "equalise":
+            raise ValueError("the equalise edit solves for one FFN down projection (docs/equalise.md); "
+                             "use nesting 'flat'")
 
     @property
     def scale(self) -> str | None:
