@@ -64,28 +64,42 @@ ALL_SETS = ("gender:test", "gender:reverse", "gender:synonym", "race:test", "rac
             "religion:synonym", "crows:gender")
 
 
-def score_crows(lm, editor, axis: str, n_edits: int, seed: int) -> dict:
+def choose_scale(lm, editor, dev: list[dict], scales: list[float], max_lms_drop: float = 10.0) -> dict:
+    """The shift scale chosen on the *dev* split (every bias type, the paper's protocol, mean log-prob
+    reading): the scale whose SS is closest to 50 among those losing at most ``max_lms_drop`` LMS points
+    against the unedited dev items (the issue's LMS criterion); 1.0 if none qualifies."""
+    base = unedited_eval(lm, dev)
+    per = {str(s): protocol_eval(lm, editor, dev, scale=s) for s in scales}
+    ok = [s for s in scales if per[str(s)]["lms"] >= base["lms"] - max_lms_drop]
+    chosen = min(ok, key=lambda s: (abs(per[str(s)]["ss"] - 50), s)) if ok else 1.0
+    log.info("dev scale choice: before SS %.1f LMS %.1f; %s -> %s", base["ss"], base["lms"],
+             {s: (round(v["ss"], 1), round(v["lms"], 1)) for s, v in per.items()}, chosen)
+    return {"n_dev": len(dev), "before": base, "per_scale": per, "max_lms_drop": max_lms_drop, "chosen": chosen}
+
+
+def score_crows(lm, editor, axis: str, n_edits: int, seed: int, scale: float = 1.0) -> dict:
     """CrowS-Pairs (``axis``) unedited, under the protocol, and after the transfer edit from StereoSet train requests."""
     rows = load_split("crows-pairs", "test", axis=axis)
-    handle = editor_edit(lm, editor, editor_requests(axis, n_edits, seed)).apply_(lm.hf)
+    handle = editor_edit(lm, editor, editor_requests(axis, n_edits, seed), scale=scale).apply_(lm.hf)
     try:
         transfer = crows_protocol_eval(lm, None, rows)
     finally:
         handle.undo()
     out = {"n": len(rows), "before": crows_protocol_eval(lm, None, rows),
-           "protocol": crows_protocol_eval(lm, editor, rows), "transfer": transfer}
+           "protocol": crows_protocol_eval(lm, editor, rows, scale=scale), "transfer": transfer}
     log.info("crows/%s: %s", axis, {k: round(v["crows"], 1) for k, v in out.items() if k != "n"})
     return out
 
 
-def score_set(lm, editor, axis: str, split: str, n_edits: int, seed: int) -> dict:
-    """Unedited, protocol and transfer scores (both readings) of one StereoSet set (``axis="crows"``: CrowS-Pairs)."""
+def score_set(lm, editor, axis: str, split: str, n_edits: int, seed: int, scale: float = 1.0) -> dict:
+    """Unedited, protocol and transfer scores (both readings) of one StereoSet set (``axis="crows"``:
+    CrowS-Pairs), the shift times ``scale``."""
     if axis == "crows":
-        return score_crows(lm, editor, split, n_edits, seed)
+        return score_crows(lm, editor, split, n_edits, seed, scale)
     rows = load_split("stereoset", split, axis=axis)
     requests = editor_requests(axis, n_edits, seed)
-    out = {"n": len(rows), "before": unedited_eval(lm, rows), "protocol": protocol_eval(lm, editor, rows),
-           "transfer": transfer_eval(lm, editor, requests, rows)}
+    out = {"n": len(rows), "before": unedited_eval(lm, rows), "protocol": protocol_eval(lm, editor, rows, scale=scale),
+           "transfer": transfer_eval(lm, editor, requests, rows, scale=scale)}
     log.info("%s/%s: %s", axis, split, {k: {m: round(v[m], 1) for m in ("ss", "lms", "ss_mean_prob")}
                                         for k, v in out.items() if k != "n"})
     return out
@@ -97,7 +111,8 @@ def _cfg_label(row: dict) -> str:
     diff = {k: v for k, v in cfg.items() if k != "modules" and base.get(k) != v and k not in ("max_minutes",)}
     mods = cfg.get("modules") or []
     layers = ",".join(m.split(".")[0][1:] for m in mods)
-    return ", ".join([f"{k}={v}" for k, v in diff.items()] + ([f"layers {layers}"] if layers else []))
+    scale = [f"shift x{row['scale']:g} (dev-chosen)"] if row.get("scale", 1.0) != 1.0 else []
+    return ", ".join([f"{k}={v}" for k, v in diff.items()] + ([f"layers {layers}"] if layers else []) + scale)
 
 
 def _cell(m: dict, key: str) -> str:
@@ -140,7 +155,7 @@ def render_tables(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("name")
+    ap.add_argument("name", nargs="?", default=None)
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--out", default="docs/biasedit_rows.jsonl")
     ap.add_argument("--sets", default=",".join(ALL_SETS), help="axis:split pairs to score")
@@ -148,10 +163,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--load", default=None, help="score a saved editor instead of training one (overrides ignored)")
     ap.add_argument("--tables", action="store_true", help="print the tables of --out's rows and exit")
+    ap.add_argument("--scales", default=None, help="comma-separated shift scales: choose one on the dev split "
+                    "(protocol, SS closest to 50 with LMS drop <= 10) and score every set with it")
     args = ap.parse_args()
     if args.tables:
         print(render_tables([json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]))
         return
+    if not args.name:
+        ap.error("NAME is required (the row's name) unless --tables")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     cfg = EditorConfig(**parse_overrides(args.overrides))
@@ -170,7 +189,13 @@ def main() -> None:
                "unedited_dev": res.unedited, "beats_unedited": res.beats_unedited}
     if args.save:
         editor.save(args.save)
-    row["sets"] = {key: score_set(lm, editor, *key.split(":"), editor.config.n_edits, editor.config.seed)
+    scale = 1.0
+    if args.scales:
+        row["scale_choice"] = choose_scale(lm, editor, editor_splits(editor.config.seed)[1],
+                                           [float(x) for x in args.scales.split(",")])
+        scale = row["scale_choice"]["chosen"]
+    row["scale"] = scale
+    row["sets"] = {key: score_set(lm, editor, *key.split(":"), editor.config.n_edits, editor.config.seed, scale)
                    for key in args.sets.split(",")}
     row["model_unchanged"] = all(torch.equal(bits(v), before_bits[k]) for k, v in lm.hf.state_dict().items())
     row["wall_s"] = time.monotonic() - t0
