@@ -114,6 +114,8 @@ def _quiet_third_party() -> None:
 
 #: ``--dtype`` choices (the names of :data:`bias_lens.loading.DTYPES`, listed here so the parser needs no torch).
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+#: ``--device-map`` choices (accelerate's automatic placements)
+DEVICE_MAPS: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -121,6 +123,9 @@ def add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="embedded name, local HF folder, or cached hub id (default: smollm2-135m)")
     p.add_argument("--dtype", default="float32", metavar="{" + ",".join(DTYPE_NAMES) + "}",
                    help="precision of the weights (default float32; see docs/half_precision.md)")
+    p.add_argument("--device", default=None, help="put the whole model on this device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
+                   help="shard the model over every visible device with accelerate (not with --device)")
 
 
 def model_from_args(args: argparse.Namespace) -> LensModel:
@@ -129,7 +134,32 @@ def model_from_args(args: argparse.Namespace) -> LensModel:
     from ..lens import load_model
     from ..loading import resolve_dtype
 
-    return load_model(args.model, dtype=resolve_dtype(args.dtype))
+    dtype = resolve_dtype(args.dtype)
+    device, device_map = getattr(args, "device", None), getattr(args, "device_map", None)
+    if device is not None and device_map is not None:
+        raise UsageError("--device and --device-map exclude each other: --device puts the whole model on one "
+                         "device, --device-map shards it; pass one")
+    if device is not None:
+        check_device(device)
+    return load_model(args.model, dtype=dtype, device=device, device_map=device_map)
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` this machine does not have, in one line (before any weight is read)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"--device {device!r} is not a device name (use cpu, cuda, cuda:N or mps): {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device on this machine; drop --device (CPU) or run on a GPU machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: no MPS device on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: unsupported device type {dev.type!r} (use cpu, cuda, cuda:N or mps)")
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:

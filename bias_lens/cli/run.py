@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
             check_out(out, args.force)
         except FileExistsError as err:
             raise UsageError(str(err)) from None
-    lm = model_from_args(args) if half else None  # float32: the pipeline loads the model itself, as before
+    placed = args.device is not None or args.device_map is not None
+    # float32 on the default device: the pipeline loads the model itself, as before
+    lm = model_from_args(args) if half or placed else None
     command = "bias-lens " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "bias-lens run"
     path = run_pipeline(cfg, out, force=args.force, use_cache=not args.no_cache, progress=not args.no_progress,
                         command=command, lm=lm)
