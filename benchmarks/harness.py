@@ -13,11 +13,13 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from bias_lens.scoring import iter_batches
 
 
 @dataclass
@@ -108,10 +110,18 @@ def machine_info() -> dict:
     }
 
 
+def _sync() -> None:
+    """Wait for queued CUDA work (a no-op on CPU-only runs), so a timer reads finished work."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_once(fn: Callable[[], object]) -> float:
     gc.collect()
+    _sync()
     t = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t
 
 
@@ -122,6 +132,38 @@ def time_case(fn: Callable[[], object], repeat: int = 2) -> float:
 def peak_rss_gb() -> float:
     """Peak resident set size of this process so far, in GB (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def padded_shapes(lm, prompts: Sequence[str], batch_size: int = 32) -> list[tuple[int, int]]:
+    """``(batch, padded length)`` of every batch the library's batcher forms for ``prompts``."""
+    return [tuple(b.input_ids.shape) for b in iter_batches(lm.tokenizer, prompts, batch_size)]
+
+
+def body_flops_per_token(lm, n_ctx: int) -> int:
+    """Matmul FLOPs of the transformer body for one token attending over ``n_ctx`` positions.
+
+    Every weight matrix of the blocks costs 2 x its size per token (a multiply-add per entry); the
+    attention scores and the weighted values cost 2 x n_ctx x n_heads x d_head each, per layer.
+    """
+    weights = sum(p.numel() for blk in lm.layers for p in blk.parameters() if p.dim() >= 2)
+    return 2 * weights + 4 * n_ctx * lm.n_heads * lm.d_head * lm.n_layers
+
+
+def flop_counts(lm, prompts: Sequence[str], batch_size: int = 32) -> dict:
+    """Matmul FLOPs of the bare forward and of the exact layer score (MSME Eq. 2) over ``prompts``.
+
+    forward = body at every padded position + the unembedding at every padded position (what the
+    HF LM head computes); layer score = the same body + (n_layers + 1) unembeddings per prompt, at
+    its last real token: the FLOP lower bound of one full-vocabulary softmax per layer per prompt.
+    ``bound_ratio`` = layer score / forward, the cost the FLOPs alone imply relative to the forward.
+    """
+    unembed = 2 * lm.unembed.weight.numel()
+    shapes = padded_shapes(lm, prompts, batch_size)
+    body = sum(b * t * body_flops_per_token(lm, t) for b, t in shapes)
+    forward = body + sum(b * t for b, t in shapes) * unembed
+    layer = body + (lm.n_layers + 1) * len(prompts) * unembed
+    return {"body": body, "unembed_per_row": unembed, "forward": forward, "layer_score": layer,
+            "padded_tokens": sum(b * t for b, t in shapes), "bound_ratio": layer / forward}
 
 
 def run_cases(report: Report, cases: list[Case], log: Callable[[str], None] = print) -> Report:

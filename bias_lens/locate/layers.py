@@ -21,6 +21,13 @@ no full activation cache is ever kept. Three interchangeable lenses run that pas
 Prompts are right-padded, so real tokens never attend to padding and padding is masked out of
 BMI.
 
+The logit lens (:func:`lens_probs`) stacks the last-token residuals of every layer and prompt
+into one unembedding matmul, chunked to :data:`LENS_LOGIT_BUDGET` logits in one reused buffer,
+with the log-sum-exp in cache-sized row blocks: the layer score then costs about its FLOP bound
+(body + n_layers+1 unembeddings per prompt; docs/performance.md). Half-precision models are
+upcast to float32 before the final norm, the unembedding and the softmax (:func:`lens_dtype`; a
+no-op for float32); BMI's cosines are taken in float64.
+
 Targets must be single tokens: Eq. 2 compares next-token probabilities layer by layer, and a
 multi-token word has no single per-layer probability (cutting it to its first token would
 silently score another word), so multi-token targets are refused with a ValueError.
@@ -165,6 +172,55 @@ def single_token_targets(lm: LensModel, targets: TargetSet | str | Sequence[str]
         raise type(err)(f"{what} compares next-token probabilities per layer: {err}") from None
 
 
+#: Logits the lens holds at once (elements, 128 MiB in float32): the residual rows of every layer
+#: and prompt are stacked and unembedded in chunks of ``LENS_LOGIT_BUDGET // d_vocab`` rows.
+LENS_LOGIT_BUDGET = 1 << 25
+#: Rows per log-sum-exp on CPU: a 16 x d_vocab block stays in cache (same result as one call).
+LSE_BLOCK_CPU = 16
+
+
+def lens_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the logit lens computes in: float32 for half-precision (bf16/fp16) models, else ``dtype``.
+
+    A bf16 logit has ~3 significant digits, too few for a softmax over the vocabulary (and for the
+    cosines of BMI), so half-precision residuals are upcast; for float32 this is a no-op, so float32
+    results are bit-identical to a lens without the upcast.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _normed(lm, h: Tensor, scale: Tensor | None) -> Tensor:
+    """The final norm of rows ``h``: the model's own module (recompute), or with a frozen ``scale``."""
+    if scale is None and h.dtype == lm.final_norm.weight.dtype:
+        return lm.final_norm(h)
+    fn = norm_parts(lm.final_norm, lm.arch.norm)  # upcast path, or the cached scale
+    if scale is None:
+        return fn.apply(h)
+    normed = fn.center(h) / scale * fn.weight.to(h)
+    return normed + fn.bias.to(h) if fn.bias is not None else normed
+
+
+def _logits_into(lm, normed: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    """``normed @ W_U.T (+ b)`` written into ``out`` (reused across chunks), then the family's soft-cap:
+    :meth:`LensModel.logits_from_normed` in place, the same operations without a new logits tensor."""
+    if b is None:
+        torch.mm(normed, w.T, out=out)
+    else:
+        torch.addmm(b, normed, w.T, out=out)
+    cap = lm.logit_softcap
+    return out.div_(cap).tanh_().mul_(cap) if cap is not None else out
+
+
+def _target_probs(logits: Tensor, tid: Tensor) -> Float[Tensor, "row target"]:
+    """``softmax(logits)[:, tid]`` (float64): float32 log-sum-exp, in cache-sized row blocks on CPU."""
+    step = LSE_BLOCK_CPU if logits.device.type == "cpu" else max(logits.shape[0], 1)
+    out = torch.empty(logits.shape[0], len(tid), dtype=torch.float64, device=logits.device)
+    for s in range(0, logits.shape[0], step):
+        x = logits[s : s + step].float()
+        out[s : s + step] = (x[:, tid] - torch.logsumexp(x, -1, keepdim=True)).double().exp()
+    return out
+
+
 @torch.no_grad()
 def lens_probs(
     lm: LensModel,
@@ -178,35 +234,39 @@ def lens_probs(
 
     ``norm="recompute"`` runs the model's own final-norm module on ``resid``; ``norm="cached"``
     keeps its weight/bias/centering but divides by the scale of ``final`` (the final residual at
-    the same position), so the norm is affine in ``resid``.
+    the same position, broadcastable to ``resid``), so the norm is affine in ``resid``.
+
+    All rows of ``resid`` (e.g. every layer x prompt) share one unembedding matmul, chunked to
+    :data:`LENS_LOGIT_BUDGET` logits; half-precision models are upcast first (:func:`lens_dtype`).
     """
     if norm not in NORM_MODES:
         raise ValueError(f"norm must be one of {', '.join(NORM_MODES)}; got {norm!r}")
-    dev = lm.final_norm.weight.device
-    h = resid.to(dev)
-    if norm == "recompute":
-        normed = lm.final_norm(h)
-    else:
-        if final is None:
-            raise ValueError("norm='cached' needs the final residual to take the scale from")
-        fn = norm_parts(lm.final_norm, lm.arch.norm)
-        scale = fn.scale(final.to(dev).double()).to(h.dtype)
-        normed = fn.center(h) / scale * fn.weight.to(h)
-        normed = normed + fn.bias.to(h) if fn.bias is not None else normed
-    logits = lm.logits_from_normed(normed)  # unembedding (+ the family's soft-cap, Gemma-2)
-    lse = torch.logsumexp(logits.float(), -1, keepdim=True)
-    tid = torch.as_tensor(list(target_ids), device=logits.device)
-    return (logits[..., tid].float() - lse).double().exp().cpu()
+    if norm == "cached" and final is None:
+        raise ValueError("norm='cached' needs the final residual to take the scale from")
+    dev, dt = lm.final_norm.weight.device, lens_dtype(resid.dtype)
+    lead, rows = resid.shape[:-1], resid.reshape(-1, resid.shape[-1])
+    scale = None
+    if final is not None and norm == "cached":
+        s = norm_parts(lm.final_norm, lm.arch.norm).scale(final.to(dev).double()).to(dt)
+        scale = torch.broadcast_to(s, (*lead, 1)).reshape(-1, 1)
+    w = lm.unembed.weight.detach().to(dt)  # no copy unless upcast
+    b = getattr(lm.unembed, "bias", None)
+    b = b.detach().to(dt) if b is not None else None
+    tid = torch.as_tensor(list(target_ids), device=w.device)
+    chunk = max(1, LENS_LOGIT_BUDGET // w.shape[0])
+    buf = torch.empty(min(chunk, rows.shape[0]), w.shape[0], dtype=dt, device=w.device)
+    out = torch.empty(rows.shape[0], len(tid), dtype=torch.float64)
+    for s0 in range(0, rows.shape[0], chunk):
+        h = rows[s0 : s0 + chunk].to(dev).to(dt)
+        normed = _normed(lm, h, None if scale is None else scale[s0 : s0 + chunk])
+        logits = _logits_into(lm, normed.to(w.device), w, b, buf[: h.shape[0]])
+        out[s0 : s0 + chunk] = _target_probs(logits, tid).cpu()
+    return out.view(*lead, len(tid))
 
 
-def _layer_probs(lm, rp: ResidualPass, ts: TargetSet, norm: str, chunk: int) -> Float[Tensor, "layer1 prompt target"]:
-    L1, n, _ = rp.last.shape
-    out = torch.empty(L1, n, len(ts), dtype=torch.float64)
-    for s in range(0, n, chunk):
-        h = rp.last[:, s : s + chunk]
-        fin = h[-1:].expand_as(h)
-        out[:, s : s + chunk] = lens_probs(lm, h, ts.first_ids, norm=norm, final=fin)
-    return out
+def _layer_probs(lm, rp: ResidualPass, ts: TargetSet, norm: str) -> Float[Tensor, "layer1 prompt target"]:
+    """p^(0..L) of the targets for every prompt: all (L+1) x prompt rows in one chunked lens."""
+    return lens_probs(lm, rp.last, ts.first_ids, norm=norm, final=rp.last[-1])
 
 
 def layer_labels(n_layers: int) -> list[str]:
@@ -214,8 +274,8 @@ def layer_labels(n_layers: int) -> list[str]:
     return [f"L{i}" for i in range(n_layers)]
 
 
-def _layer_result(lm, rp: ResidualPass, ts: TargetSet, norm: str, lens: str, batch_size: int) -> LocateResult:
-    p = _layer_probs(lm, rp, ts, norm, max(batch_size, 1))  # [L+1, prompt, target]
+def _layer_result(lm, rp: ResidualPass, ts: TargetSet, norm: str, lens: str) -> LocateResult:
+    p = _layer_probs(lm, rp, ts, norm)  # [L+1, prompt, target]
     per = (p[1:] - p[:-1]).abs().sum(-1).T.contiguous()  # [prompt, layer]
     L = per.shape[1]
     counts = torch.bincount(per.argmax(1), minlength=L)
@@ -259,7 +319,7 @@ def layer_scale(lm: LensModel, prompts: Sequence[str], targets: TargetSet | str 
     ``p_targets`` (mean target probabilities per lens layer 0..L, ``[layer+1, target]``).
     """
     rp, ts = _layer_pass(lm, prompts, targets, norm, lens, batch_size, progress, bmi=False)
-    return _layer_result(lm, rp, ts, norm, lens, batch_size)
+    return _layer_result(lm, rp, ts, norm, lens)
 
 
 def _bmi_result(lm, per: Tensor, lens: str, variant: str = "1-cos, mean over real positions then prompts") -> LocateResult:
@@ -293,7 +353,7 @@ def layer_scale_and_bmi(lm: LensModel, prompts: Sequence[str], targets: TargetSe
     """Both results from ONE forward pass (same numbers as calling each function separately)."""
     rp, ts = _layer_pass(lm, prompts, targets, norm, lens, batch_size, progress, bmi=True)
     assert rp.bmi is not None
-    return _layer_result(lm, rp, ts, norm, lens, batch_size), _bmi_result(lm, rp.bmi, lens)
+    return _layer_result(lm, rp, ts, norm, lens), _bmi_result(lm, rp.bmi, lens)
 
 
 # --------------------------------------------------------------------------- robustness
