@@ -14,8 +14,21 @@ chosen) the activation is zeroed at every position and we measure on dev prompts
   :func:`bias_lens.scoring.batch_token_logprobs` -- the retention benchmark's
   definition on a cheap fixed prefix of its corpus.
 
-Batching: the dev batch is replicated R times and replica r masks its own neuron set through a
-per-row scale (:func:`mask_rows`), so R candidates share one forward pass. Independent mode ranks
+Candidates may mix the two kinds of unit the interpretable-neuron-editing paper edits:
+
+* FFN neurons ``L{l}N{k}`` (unit ``(l, k)``): masking scales channel k of ``L{l}.mlp.post``;
+* attention value neurons ``L{l}H{h}V{d}`` (unit ``(l, h, d)``,
+  :mod:`bias_lens.locate.value_neurons`): masking scales channel ``h * d_head + d`` of
+  ``L{l}.attn.z`` (the o_proj input), i.e. only *query head h's* contribution through column
+  ``h * d_head + d`` of W_O. Under grouped-query attention several query heads read the same KV
+  head ``kv(h)``; zeroing the v_proj output dimension instead would silence all of them, which is
+  not the unit the label (and its attribution score) names, so it is not what masking means here.
+  :func:`unit_channel` is the one place this mapping lives (the weight edit of
+  :mod:`bias_lens.edit.neuron_masking` writes the same W_O columns).
+
+Batching: the dev batch is replicated R times and replica r masks its own unit set through a
+per-row scale (:func:`mask_points`; :func:`mask_rows` is its FFN-only form), so R candidates share
+one forward pass. Independent mode ranks
 candidates by the change in AFGB (most negative first) and selects the top ``k`` whose relative
 perplexity increase stays within ``max_ppl_increase``. Greedy mode grows the set one neuron at a
 time, each step adding the candidate that lowers AFGB most among those keeping retention within
@@ -32,12 +45,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..arch import parse_neuron_name
 from ..hooks import Hook, HookInfo
+from ..labels import NeuronLabel, ValueNeuronLabel, parse_as
 from ..progress import bar
 from ..scoring import batch_target_logprobs, batch_token_logprobs, check_prompts, iter_batches
 from ..targets import TargetSet, resolve_targets
 from .result import LocateResult
+from .value_neurons import check_attn_labels
 
 if TYPE_CHECKING:
     from ..lens import LensModel
@@ -54,23 +68,47 @@ def retention_texts(limit: int = RETENTION_LIMIT) -> list[str]:
     return texts(limit)
 
 
-def mask_rows(scales: dict[int, Float[Tensor, "batch d_mlp"]]) -> list[Hook]:
-    """Per-row neuron masking: multiply ``L{l}.mlp.post`` row b by ``scales[l][b]`` at every position."""
+#: A maskable unit: ``(layer, neuron)`` for an FFN neuron, ``(layer, head, dim)`` for an attention value neuron.
+Unit = tuple[int, int] | tuple[int, int, int]
+
+
+def unit_channel(lm: LensModel, unit: Unit) -> tuple[str, int, int]:
+    """Hook point, channel and channel count that masking ``unit`` scales (see the module docstring)."""
+    if len(unit) == 2:
+        l, k = unit
+        return f"L{l}.mlp.post", k, lm.d_mlp
+    l, h, d = unit
+    return f"L{l}.attn.z", h * lm.d_head + d, lm.n_heads * lm.d_head
+
+
+def mask_points(scales: dict[str, Float[Tensor, "batch channel"]]) -> list[Hook]:
+    """Per-row channel masking: multiply hook point ``p``'s row b by ``scales[p][b]`` at every position."""
 
     def mask(t: Tensor, *, hook: HookInfo) -> Tensor:
-        """per-row neuron mask"""
-        return t * scales[hook.layer].to(t)[:, None, :]
+        """per-row channel mask"""
+        return t * scales[hook.name].to(t)[:, None, :]
 
-    return [(f"L{l}.mlp.post", mask) for l in scales]
+    return [(p, mask) for p in scales]
 
 
-def _scales(lm, sets: Sequence[Sequence[tuple[int, int]]], rows: int) -> dict[int, Tensor]:
-    out: dict[int, Tensor] = {}
+def mask_rows(scales: dict[int, Float[Tensor, "batch d_mlp"]]) -> list[Hook]:
+    """Per-row neuron masking: multiply ``L{l}.mlp.post`` row b by ``scales[l][b]`` at every position."""
+    return mask_points({f"L{l}.mlp.post": s for l, s in scales.items()})
+
+
+def mask_units(lm: LensModel, units: Sequence[Unit], *, scale: float = 0.0) -> list[Hook]:
+    """Hooks scaling every unit's channel by ``scale`` in every row (the temporary form of a masking edit)."""
+    return mask_points(_scales(lm, [units], 1, scale))
+
+
+def _scales(lm, sets: Sequence[Sequence[Unit]], rows: int, value: float = 0.0) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
     for r, s in enumerate(sets):
-        for l, k in s:
-            if l not in out:
-                out[l] = torch.ones(len(sets) * rows, lm.d_mlp)
-            out[l][r * rows : (r + 1) * rows, k] = 0.0
+        for u in s:
+            point, ch, width = unit_channel(lm, u)
+            if point not in out:
+                out[point] = torch.ones(len(sets) * rows, width)
+            out[point][r * rows : (r + 1) * rows, ch] = value
     return out
 
 
@@ -87,7 +125,7 @@ def _chunk_afgb(lm, chunk, prompts, targets: TargetSet, max_rows: int) -> Float[
     R, out = len(chunk), torch.zeros(len(chunk), dtype=torch.float64)
     for b in iter_batches(lm.tokenizer, prompts, max_rows, device=lm.device):
         n = b.input_ids.shape[0]
-        with lm.hooks(mask_rows(_scales(lm, chunk, n))):
+        with lm.hooks(mask_points(_scales(lm, chunk, n))):
             p = batch_target_logprobs(lm, b.repeat(R), targets).exp()
         out += pairwise_gap_t(p).view(R, n).sum(1).cpu()
     return out
@@ -98,7 +136,7 @@ def _chunk_nll(lm, chunk, texts, batch_size: int) -> tuple[Float[Tensor, " set"]
     R, out, toks = len(chunk), torch.zeros(len(chunk), dtype=torch.float64), 0
     for b in _sentence_batches(lm, texts, batch_size):
         n = b.input_ids.shape[0]
-        with lm.hooks(mask_rows(_scales(lm, chunk, n))):
+        with lm.hooks(mask_points(_scales(lm, chunk, n))):
             lp, _ = batch_token_logprobs(lm, b.repeat(R))
         out -= (lp * b.attention_mask[:, 1:].repeat(R, 1).to(lp)).sum(1).view(R, n).sum(1)
         toks += int(b.attention_mask[:, 1:].sum())
@@ -107,10 +145,12 @@ def _chunk_nll(lm, chunk, texts, batch_size: int) -> tuple[Float[Tensor, " set"]
 
 @torch.no_grad()
 def evaluate_sets(
-    lm: LensModel, sets: Sequence[Sequence[tuple[int, int]]], prompts: Sequence[str], targets: TargetSet,
+    lm: LensModel, sets: Sequence[Sequence[Unit]], prompts: Sequence[str], targets: TargetSet,
     texts: Sequence[str] | None = None, *, max_rows: int = 256, progress: bool = False,
 ) -> tuple[Float[Tensor, " set"], Float[Tensor, " set"]]:
-    """AFGB and retention perplexity with each neuron set masked (R sets per forward pass; bar if ``progress``)."""
+    """AFGB and retention perplexity with each unit set masked (R sets per forward pass; bar if ``progress``).
+
+    A unit is ``(layer, neuron)`` (FFN) or ``(layer, head, dim)`` (attention value neuron), see :func:`unit_channel`."""
     texts = retention_texts() if texts is None else list(texts)
     afgb = torch.zeros(len(sets), dtype=torch.float64)
     nll = torch.zeros(len(sets), dtype=torch.float64)
@@ -135,10 +175,16 @@ def retention(lm: LensModel, texts: Sequence[str] | None = None, *, batch_size: 
         return float(perplexity(token_logprobs(lm, texts, batch_size=batch_size))), "perplexity"
 
 
-def _parse(labels: Sequence[str], lm) -> list[tuple[int, int]]:
-    out = []
+def parse_units(lm: LensModel, labels: Sequence[str]) -> list[Unit]:
+    """Units of FFN neuron (``L{l}N{k}``) and attention value neuron (``L{l}H{h}V{d}``) labels;
+    ValueError naming the first label that is neither or lies out of range."""
+    out: list[Unit] = []
     for lab in labels:
-        l, k = parse_neuron_name(lab)
+        p = parse_as(lab, NeuronLabel, ValueNeuronLabel)
+        if isinstance(p, ValueNeuronLabel):
+            out.append(check_attn_labels(lm, [lab])[0])
+            continue
+        l, k = p.layer, p.index
         if not (0 <= l < lm.n_layers and 0 <= k < lm.d_mlp):
             raise ValueError(f"{lab}: out of range (layers 0..{lm.n_layers - 1}, neurons 0..{lm.d_mlp - 1})")
         out.append((l, k))
@@ -152,6 +198,9 @@ def causal_selection(
 ) -> LocateResult:
     """Select up to ``k`` candidate neurons whose masking lowers AFGB with retention in bounds.
 
+    Candidates are FFN neurons ``L{l}N{k}`` and/or attention value neurons ``L{l}H{h}V{d}`` (mixed
+    freely; masking as in the module docstring).
+
     Independent mode: labels = candidates, scores = change in AFGB (ascending: most bias-reducing
     first), ``extras["selected"]`` = the chosen top ``k``. Greedy mode: labels = the chosen
     neurons in order, scores = each step's AFGB reduction, ``extras["afgb"]`` the cumulative AFGB.
@@ -164,8 +213,8 @@ def causal_selection(
         raise ValueError("k must be >= 1 and max_ppl_increase >= 0")
     prompts = check_prompts(prompts)
     if not candidates:
-        raise ValueError("no candidate neurons given; pass labels like L3N17 (e.g. the top of neuron_attribution)")
-    cands = _parse(candidates, lm)
+        raise ValueError("no candidate neurons given; pass labels like L3N17 or L3H1V5 (e.g. paper_candidates)")
+    cands = parse_units(lm, candidates)
     ts = targets if isinstance(targets, TargetSet) else resolve_targets(lm.tokenizer, targets)
     ts.require(n=2, single_token=True)
     source = f"retention_sentences[:{RETENTION_LIMIT}],bos" if texts is None else f"custom[{len(texts)}],bos"
