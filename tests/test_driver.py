@@ -77,7 +77,8 @@ def test_dama_plan_runs_through_the_driver(tiny_llama):
         layer = run.record.info["layers"][0]
         w = dict(tiny_llama.hf.named_parameters())[f"model.layers.{layer}.mlp.down_proj.weight"]
         assert not torch.equal(w, snap[f"model.layers.{layer}.mlp.down_proj.weight"]) and run.record.n_changed > 0
-        assert run.record.info["config"]["null_dim"] == 4 and run.record.cost_p == sum(p.numel() for p in tiny_llama.hf.parameters())
+        # Cost-P of a maskless edit: the weights it writes (here the one projected down matrix)
+        assert run.record.info["config"]["null_dim"] == 4 and run.record.cost_p == w.numel()
     finally:
         run.handle.undo()
     assert _unchanged(tiny_llama, snap)

@@ -246,7 +246,7 @@ def test_editor_row_runs_in_the_main_job(env):
     (rec,) = json.loads((out / "results.json").read_text())["rows"]
     editor = Editor.load(lm, tmp / "ed")
     d = lm.d_mlp * lm.d_model
-    assert rec["name"] == "BiasEdit editor" and rec["n_changed"] == 2 * d
+    assert rec["name"] == "BiasEdit editor" and rec["n_changed"] == 2 * d == rec["cost_p"]  # the two matrices
     assert rec["info"]["modules"] == ["L1.mlp.down", "L2.mlp.down"] and rec["info"]["n_requests"] == 4
     h = editor_edit(lm, editor, editor_requests("gender", editor.config.n_edits, cfg.seed)).apply_(lm.hf)
     try:

@@ -391,6 +391,8 @@ def apply_plan(lm: LensModel, plan: EditPlan, located: LocateResult | None = Non
     except BaseException:
         handle.undo()
         raise
-    cost = mask.size if mask is not None else sum(p.numel() for p in lm.hf.parameters())
+    # Cost-P: the located mask, or for maskless methods the weights the edit writes (BiasEdit: its
+    # matrices; DAMA: its projected matrices; FPFT: every weight)
+    cost = mask.size if mask is not None else sum(int(idx.numel()) for idx in edit.indices.values())
     rec = EditRecord(plan.label, plan.to_dict(), before, after, int(cost), n_changed, labels[:50], info)
     return EditRun(rec, edit, handle, located, artifacts)
