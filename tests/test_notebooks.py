@@ -45,6 +45,10 @@ NOTEBOOKS: dict[str, tuple[tuple[str, ...], int]] = {
     "05_biasedit": (
         ("bias_lens.locate.tracing", "bias_lens.plot.tracing", "bias_lens.edit.editor", "bias_lens.edit.editor_train",
          "bias_lens.benchmarks.stereoset_train", "bias_lens.pipeline.biasedit", "bias_lens.edit.export"), 4),
+    "06_neuron_editing": (
+        ("bias_lens.locate.query_neurons", "bias_lens.locate.general_neurons", "bias_lens.locate.neuron_pipeline",
+         "bias_lens.locate.causal", "bias_lens.edit.neuron_masking", "bias_lens.benchmarks.runners",
+         "bias_lens.locate.projection", "bias_lens.locate.circuit_positions", "bias_lens.plot.circuit"), 7),
 }
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 GRAPH_DIV = 'class="plotly-graph-div"'
