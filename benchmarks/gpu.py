@@ -109,18 +109,22 @@ def main(argv: list[str] | None = None) -> int:
         print(NO_CUDA_MESSAGE, file=sys.stderr)
         return NO_CUDA
     logging.basicConfig(level=logging.WARNING)
+    threads = torch.get_num_threads()
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = resolve_dtype(a.dtype)
-    torch.set_grad_enabled(False)
-    for name in [m.strip() for m in a.models.split(",") if m.strip()]:
-        report = bench_model(name, a, device, dtype)
-        out = a.out_dir / f"gpu_{name}.json"
-        write_report(report, out)
-        print(f"\n{name} ({report.extra['n_params']:,} parameters, {report.machine['dtype']}, {device})")
-        print("floors: " + ", ".join(f"{k} {v:.4f}s" for k, v in report.floors.items()))
-        print(report.table())
-        print(f"wrote {out}")
+    try:  # grad mode and the thread count are restored: main() may run inside another process (the tests)
+        with torch.no_grad():
+            for name in [m.strip() for m in a.models.split(",") if m.strip()]:
+                report = bench_model(name, a, device, dtype)
+                out = a.out_dir / f"gpu_{name}.json"
+                write_report(report, out)
+                print(f"\n{name} ({report.extra['n_params']:,} parameters, {report.machine['dtype']}, {device})")
+                print("floors: " + ", ".join(f"{k} {v:.4f}s" for k, v in report.floors.items()))
+                print(report.table())
+                print(f"wrote {out}")
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

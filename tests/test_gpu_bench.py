@@ -53,7 +53,10 @@ def test_no_cuda_in_process(monkeypatch, capsys, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_bench")
+    threads = torch.get_num_threads()
     assert gpu.main(["--device", "cpu", "--tiny", "--threads", "1", "--out-dir", str(out)]) == 0
+    # run in-process, it must leave the caller's grad mode and thread count as they were
+    assert torch.is_grad_enabled() and torch.get_num_threads() == threads
     return json.loads((out / "gpu_random-tiny.json").read_text())
 
 
