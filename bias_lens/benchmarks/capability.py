@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -100,11 +100,14 @@ def _check_prompt_lengths(lm: Any, prompts: Sequence[str]) -> None:
 def mmlu_eval(
     lm: Any, split: str, *, shots: int = 0, limit_per_subject: int | None = None, limit: int | None = None,
     batch_size: int = 32, progress: bool = False, style: str = "hendrycks",
+    prompt_fn: Callable[[list[str]], list[str]] | None = None,
 ) -> tuple[dict[str, float], list[dict], dict]:
-    """MMLU accuracy, overall and per category; per-subject accuracy in the options."""
+    """MMLU accuracy, overall and per category; per-subject accuracy in the options. ``prompt_fn``
+    rewrites the prompts before scoring (e.g. prepends a start token; default: as built)."""
     cats = cd.mmlu_categories()
     rows = [r for s in cd.mmlu_subjects() for r in cd.mmlu_rows(s, split)[:limit_per_subject]][:limit]
     prompts = [cd.mmlu_prompt(r, shots, style) for r in rows]
+    prompts = prompt_fn(prompts) if prompt_fn is not None else prompts
     _check_prompt_lengths(lm, prompts)
     letters = resolve_targets(lm.tokenizer, cd.LETTERS, context="Answer:")
     groups: dict[str, list[int]] = defaultdict(list)
@@ -139,11 +142,15 @@ def mmlu_eval(
 
 
 def arithmetic_eval(
-    lm: Any, split: str, *, limit: int | None = None, batch_size: int = 32
+    lm: Any, split: str, *, limit: int | None = None, batch_size: int = 32,
+    prompt_fn: Callable[[list[str]], list[str]] | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Greedy exact match and summed log-prob of the answer after ``"a op b="``."""
+    """Greedy exact match and summed log-prob of the answer after ``"a op b="`` (``prompt_fn``: as
+    :func:`mmlu_eval`'s)."""
     rows = list(cd.arithmetic_splits()[split][:limit])
-    lp, hit = continuation_scores(lm, [r["prompt"] for r in rows], [r["answer"] for r in rows], batch_size=batch_size)
+    prompts = [r["prompt"] for r in rows]
+    prompts = prompt_fn(prompts) if prompt_fn is not None else prompts
+    lp, hit = continuation_scores(lm, prompts, [r["answer"] for r in rows], batch_size=batch_size)
     details = [{**r, "answer_logprob": float(a), "correct": bool(h)} for r, a, h in zip(rows, lp, hit)]
     acc, se = accuracy_se([d["correct"] for d in details])
     m = {"accuracy": acc, "accuracy_se": se, "answer_logprob": float(lp.mean())}

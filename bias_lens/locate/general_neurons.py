@@ -286,10 +286,7 @@ def capability_accuracy(
     ``evaluate(lm, "arithmetic" | "mmlu", ...)``'s.
     """
     from ..benchmarks import capability_data as cd
-    from ..benchmarks.capability import accuracy_se, capability_splits
-    from ..benchmarks.next_token import next_token_logprobs
-    from ..benchmarks.sentence_scoring import continuation_scores
-    from ..targets import resolve_targets
+    from ..benchmarks.capability import arithmetic_eval, capability_splits, mmlu_eval
 
     for suite, split in (("arithmetic", arithmetic_split), ("mmlu", mmlu_split)):
         if split not in capability_splits(suite):
@@ -297,18 +294,18 @@ def capability_accuracy(
     for name, v in (("arithmetic_limit", arithmetic_limit), ("mmlu_limit_per_subject", mmlu_limit_per_subject),
                     ("mmlu_limit", mmlu_limit)):
         _check_limit(name, v)
-    rows = cd.arithmetic_splits()[arithmetic_split][:arithmetic_limit]
-    prompts, _ = with_start_token(lm, [r["prompt"] for r in rows], start_token)
-    lp, hit = continuation_scores(lm, prompts, [r["answer"] for r in rows], batch_size=batch_size)
-    out = {"arithmetic": accuracy_se(hit.tolist())[0], "arithmetic_answer_logprob": float(lp.mean())}
-    mrows = [r for s in cd.mmlu_subjects() for r in cd.mmlu_rows(s, mmlu_split)[:mmlu_limit_per_subject]][:mmlu_limit]
-    prompts, _ = with_start_token(lm, [cd.mmlu_prompt(r, 0) for r in mrows], start_token)
-    letters = resolve_targets(lm.tokenizer, cd.LETTERS, context="Answer:")
-    lps = next_token_logprobs(lm, prompts, letters, batch_size=batch_size)
-    gold = torch.tensor([cd.LETTERS.index(r["answer"]) for r in mrows])
-    out["mmlu"] = accuracy_se((lps.argmax(1) == gold).tolist())[0]
-    out["mmlu_answer_logprob"] = float(lps[torch.arange(len(mrows)), gold].mean())
-    return out, {"arithmetic": len(rows), "mmlu": len(mrows)}
+
+    def prompt_fn(prompts: list[str]) -> list[str]:
+        """the suites' prompts, with the start token prepended when asked"""
+        return with_start_token(lm, prompts, start_token)[0]
+
+    ar, arows = arithmetic_eval(lm, arithmetic_split, limit=arithmetic_limit, batch_size=batch_size, prompt_fn=prompt_fn)
+    mm, mrows, _ = mmlu_eval(lm, mmlu_split, limit_per_subject=mmlu_limit_per_subject, limit=mmlu_limit,
+                             batch_size=batch_size, prompt_fn=prompt_fn)
+    gold = [r["letter_logprobs"][cd.LETTERS.index(r["answer"])] for r in mrows]
+    out = {"arithmetic": ar["accuracy"], "arithmetic_answer_logprob": ar["answer_logprob"], "mmlu": mm["accuracy"],
+           "mmlu_answer_logprob": sum(gold) / len(gold)}
+    return out, {"arithmetic": len(arows), "mmlu": len(mrows)}
 
 
 def capability_masking(
