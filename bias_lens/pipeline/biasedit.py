@@ -24,7 +24,7 @@ scorer's geometric-mean probability ranks sentences identically; the suite's def
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -72,14 +72,27 @@ def protocol_eval(lm: LensModel, editor: Editor, rows: Sequence[dict], *, n_edit
     """SS / LMS / ICAT under the paper's protocol (see the module docstring); model unchanged on
     return. ``scale``: the shift multiplier of :func:`~bias_lens.edit.editor.editor_edit`."""
     n = n_edits or editor.config.n_edits
-    parts = []
-    for batch in batches(list(rows), n, drop_last=False):
-        handle = editor_edit(lm, editor, batch, method="editor(protocol)", scale=scale).apply_(lm.hf)
-        try:
-            parts.append(reading_scores(lm, batch, readings, batch_size=batch_size))
-        finally:
-            handle.undo()
+    parts = per_batch(lm, editor, rows, n, lambda b: reading_scores(lm, b, readings, batch_size=batch_size), scale=scale)
     return {**reading_metrics(parts), "n": len(rows), "n_edits": n, "n_batches": len(parts), "scale": scale}
+
+
+def per_batch(lm: LensModel, editor: Editor | None, rows: Sequence[dict], n: int, score: Callable[[list[dict]], Any], *,
+              requests: Callable[[list[dict]], list[dict]] | None = None, scale: float = 1.0) -> list[Any]:
+    """The test-time protocol's loop: per consecutive batch of ``n`` rows, edit the model from the batch's
+    own requests (``requests(batch)``, default the rows themselves), ``score(batch)``, undo. ``editor=None``
+    scores without editing. Model unchanged on return."""
+    out = []
+    for batch in batches(list(rows), n, drop_last=False):
+        handle = None
+        if editor is not None:
+            reqs = requests(batch) if requests is not None else batch
+            handle = editor_edit(lm, editor, reqs, method="editor(protocol)", scale=scale).apply_(lm.hf)
+        try:
+            out.append(score(batch))
+        finally:
+            if handle is not None:
+                handle.undo()
+    return out
 
 
 def transfer_eval(lm: LensModel, editor: Editor, requests: Sequence[dict], rows: Sequence[dict], *,
@@ -120,18 +133,8 @@ def crows_protocol_eval(lm: LensModel, editor: Editor | None, rows: Sequence[dic
     consecutive batches of ``n_edits`` pairs, each edited from its own pairs, scored, undone. ``editor=None``
     scores the unedited model (the same batches, no edit). Model unchanged on return."""
     n = n_edits or (editor.config.n_edits if editor is not None else len(rows))
-    more, less = [], []
-    for batch in batches(list(rows), n, drop_last=False):
-        handle = None
-        if editor is not None:
-            handle = editor_edit(lm, editor, crows_requests(batch, mode=mode), method="editor(protocol)",
-                                 scale=scale).apply_(lm.hf)
-        try:
-            m, ls = crows_sentence_scores(lm, batch, reduce=reduce, batch_size=batch_size)
-        finally:
-            if handle is not None:
-                handle.undo()
-        more.append(m)
-        less.append(ls)
-    out = crows_score(np.concatenate(more), np.concatenate(less), [r["direction"] for r in rows], mode=mode)
-    return {**out, "n": len(rows), "n_edits": n, "n_batches": len(more), "scale": scale}
+    parts = per_batch(lm, editor, rows, n, lambda b: crows_sentence_scores(lm, b, reduce=reduce, batch_size=batch_size),
+                      requests=lambda b: crows_requests(b, mode=mode), scale=scale)
+    more, less = (np.concatenate([p[i] for p in parts]) for i in range(2))
+    out = crows_score(more, less, [r["direction"] for r in rows], mode=mode)
+    return {**out, "n": len(rows), "n_edits": n, "n_batches": len(parts), "scale": scale}
