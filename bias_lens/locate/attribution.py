@@ -29,14 +29,17 @@ so it needs no full-vocabulary log-softmax. FinalNorm modes:
 Per-target importances (which do need the log-softmax over the full vocabulary) are computed by
 :func:`target_importance` in bounded-memory chunks for a chosen set of labels.
 
-Everything comes from one cached forward pass (:func:`collect_last`) that keeps only the last
-position of ``resid_pre``, ``resid_mid``, ``attn.z``, ``mlp.post`` and the final residual.
+Everything comes from one forward pass that keeps only the last position of ``resid_pre``,
+``resid_mid``, ``attn.z``, ``mlp.post`` and the final residual. By default it is streamed
+(:func:`iter_last`: each batch is scored and reduced, then dropped, so memory does not grow with
+the prompt count); :func:`collect_last` keeps it for every prompt, for callers that pass one
+cache to several scores (``cache=``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -152,26 +155,54 @@ def base_model(lm: LensModel) -> nn.Module:
     return lm.body
 
 
+LAST_KINDS = ("resid_pre", "resid_mid", "attn.z", "mlp.post")
+
+
 @torch.no_grad()
-def collect_last(lm: LensModel, prompts: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> LastCache:
-    """One batched forward pass (body only, no unembedding) keeping last-position slices (bar if ``progress``)."""
+def iter_last(
+    lm: LensModel, prompts: Sequence[str], *, batch_size: int = 32, progress: bool = False,
+    desc: str = "attribution pass",
+) -> Iterator[tuple[list[int], LastCache]]:
+    """The batches of :func:`collect_last` one at a time: ``(rows, cache of those rows)``.
+
+    ``rows`` are the prompts' original indices (batches are sorted by length). Only one batch's
+    float64 slices exist at a time, so a consumer that reduces each batch before the next
+    (the locate functions' default path) holds memory independent of the number of prompts.
+    """
     prompts = check_prompts(prompts)
     L, n = lm.n_layers, len(prompts)
-    kinds = ("resid_pre", "resid_mid", "attn.z", "mlp.post")
-    points = [f"L{l}.{k}" for l in range(L) for k in kinds] + [f"L{L - 1}.resid_post"]
-    out: dict[str, Tensor] = {}
+    points = [f"L{l}.{k}" for l in range(L) for k in LAST_KINDS] + [f"L{L - 1}.resid_post"]
     body = base_model(lm)
     batches = iter_batches(lm.tokenizer, prompts, batch_size, device=lm.device)
-    for b in bar(batches, total=batch_count(n, batch_size), desc="attribution pass", enabled=progress, unit="batch"):
+    for b in bar(batches, total=batch_count(n, batch_size), desc=desc, enabled=progress, unit="batch"):
         store: dict[str, Tensor] = {}
         with lm.hooks(record_into(store, points, index=b.last)):
             body(**b.model_inputs())
-        for p, v in store.items():
-            if p not in out:
-                out[p] = torch.empty(n, v.shape[-1], dtype=torch.float64)
-            out[p][b.rows] = v.double().cpu()
-    stack = lambda k: torch.stack([out[f"L{l}.{k}"] for l in range(L)])  # noqa: E731
-    return LastCache(stack("resid_pre"), stack("resid_mid"), stack("attn.z"), stack("mlp.post"), out[f"L{L - 1}.resid_post"])
+        stack = lambda k: torch.stack([store[f"L{l}.{k}"].double().cpu() for l in range(L)])  # noqa: E731
+        yield list(b.rows), LastCache(stack("resid_pre"), stack("resid_mid"), stack("attn.z"), stack("mlp.post"),
+                                      store[f"L{L - 1}.resid_post"].double().cpu())
+
+
+@torch.no_grad()
+def collect_last(lm: LensModel, prompts: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> LastCache:
+    """One batched forward pass (body only, no unembedding) keeping last-position slices of every
+    prompt (bar if ``progress``); for callers that reuse one cache across several scores.
+
+    Its size grows with the prompt count (float64, ``layer x prompt x (3 d_model + d_mlp)``); the
+    locate functions stream :func:`iter_last` instead when no cache is passed to them.
+    """
+    prompts = check_prompts(prompts)
+    n, out = len(prompts), None
+    for rows, c in iter_last(lm, prompts, batch_size=batch_size, progress=progress):
+        if out is None:  # filled in place: never a second copy of the whole cache
+            out = LastCache(*(torch.empty(*t.shape[:-2], n, t.shape[-1], dtype=t.dtype) for t in
+                              (c.resid_pre, c.resid_mid, c.attn_z, c.mlp_post, c.final)))
+        idx = torch.as_tensor(rows)
+        for name in ("resid_pre", "resid_mid", "attn_z", "mlp_post"):
+            getattr(out, name)[:, idx] = getattr(c, name)
+        out.final[idx] = c.final
+    assert out is not None
+    return out
 
 
 # --------------------------------------------------------------------------- weights
@@ -241,20 +272,34 @@ def _diff_scores(fn: NormParts, u: Tensor, x: Tensor, delta: Tensor, final: Tens
     return (a0[:, None] + delta @ r) / s1 - (a0 / s0)[:, None]
 
 
-def neuron_scores(lm: LensModel, cache: LastCache, ts: TargetSet, layer: int, norm: str = "cached") -> Float[Tensor, "prompt d_mlp"]:
-    """Signed bias score of every neuron of ``layer`` for every prompt (no per-neuron forward)."""
-    fn, u, V = norm_parts(lm.final_norm, lm.arch.norm), logit_diff_dir(lm, ts), value_vectors(lm, layer)
+def neuron_scores(
+    lm: LensModel, cache: LastCache, ts: TargetSet, layer: int, norm: str = "cached", *, rv: Tensor | None = None,
+) -> Float[Tensor, "prompt d_mlp"]:
+    """Signed bias score of every neuron of ``layer`` for every prompt (no per-neuron forward).
+
+    ``rv`` (optional, ``norm="cached"``) is :func:`neuron_read` of the same layer, computed once by
+    a caller that scores many batches; the result is the same as without it.
+    """
+    fn = norm_parts(lm.final_norm, lm.arch.norm)
     m, x = cache.mlp_post[layer], cache.resid_mid[layer]
-    r = fn.read_dir(u)
     if norm == "cached":
-        return m * (r @ V)[None, :] / fn.scale(cache.final)
+        rv = neuron_read(lm, ts, layer) if rv is None else rv
+        return m * rv[None, :] / fn.scale(cache.final)
     # recompute: closed form without materialising [prompt, d_mlp, d_model]
+    u, V = logit_diff_dir(lm, ts), value_vectors(lm, layer)
+    r = fn.read_dir(u)
     d = x.shape[-1]
     xc, Vc = fn.center(x), fn.center(V.T).T
     s0 = torch.sqrt(xc.pow(2).mean(-1) + fn.eps)
     s1 = torch.sqrt((xc.pow(2).sum(-1)[:, None] + 2 * m * (xc @ Vc) + m.pow(2) * Vc.pow(2).sum(0)[None]) / d + fn.eps)
     a0 = x @ r
     return (a0[:, None] + m * (r @ V)[None]) / s1 - (a0 / s0)[:, None]
+
+
+def neuron_read(lm: LensModel, ts: TargetSet, layer: int) -> Float[Tensor, " d_mlp"]:
+    """``r . v_k`` for every neuron k of ``layer``: the logit-difference read of its value vector."""
+    fn = norm_parts(lm.final_norm, lm.arch.norm)
+    return fn.read_dir(logit_diff_dir(lm, ts)) @ value_vectors(lm, layer)
 
 
 def head_scores(
@@ -297,42 +342,87 @@ def neuron_attribution(
     by the mean of per-prompt magnitudes, ``"signed"`` by the signed mean (t1-ward first).
     ``extras["signed"]`` always holds the signed means. ``progress=True`` shows a bar over the
     forward-pass batches (the per-neuron scores are closed-form and take no extra pass).
+
+    Without ``cache`` the pass is streamed (:func:`iter_last`): each batch's scores are added to
+    per-neuron float64 sums and the batch is dropped, so memory does not grow with the prompt
+    count (only ``keep_per_prompt=True``'s float32 ``[prompt, neuron]`` output does). Per-prompt
+    scores are the same numbers as over a full cache; the means differ from the cache path's only
+    by float64 summation order (batch sums, then a sum over batches).
     """
     _check_opts(norm, rank)
     ts = check_pair(lm, targets)
     layers = list(range(lm.n_layers)) if layers is None else _check_layers(lm, layers)
-    cache = cache if cache is not None else collect_last(lm, prompts, batch_size=batch_size, progress=progress)
-    if keep_per_prompt:
-        per = torch.cat([neuron_scores(lm, cache, ts, l, norm) for l in layers], 1)
-        score, signed = _rank(per, rank)
-    else:  # reduce layer by layer: never holds the [prompt, n_layers * d_mlp] matrix (peak RSS)
-        parts = [_rank(neuron_scores(lm, cache, ts, l, norm), rank) for l in layers]
-        score, signed = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        per = None
     labels = [f"L{l}N{k}" for l in layers for k in range(lm.d_mlp)]
+    if cache is None:
+        score, signed, per, n = _streamed_neurons(lm, prompts, ts, layers, norm, rank, batch_size, keep_per_prompt,
+                                                 progress)
+    else:
+        per, n = None, cache.n_prompts
+        if keep_per_prompt:
+            per = torch.cat([neuron_scores(lm, cache, ts, l, norm) for l in layers], 1)
+            score, signed = _rank(per, rank)
+            per = per.float()
+        else:  # reduce layer by layer: never holds the [prompt, n_layers * d_mlp] matrix (peak RSS)
+            parts = [_rank(neuron_scores(lm, cache, ts, l, norm), rank) for l in layers]
+            score, signed = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return LocateResult(
         "attribution", labels, score, variant=f"neurons,norm={norm},rank={rank}",
-        per_prompt=per.float() if per is not None else None, model=lm.name, n_samples=cache.n_prompts,
+        per_prompt=per, model=lm.name, n_samples=n,
         extras={"signed": signed.float(), "targets": list(ts.words), "layers": layers, "d_mlp": lm.d_mlp},
     )
+
+
+def _streamed_neurons(
+    lm: LensModel, prompts: Sequence[str], ts: TargetSet, layers: list[int], norm: str, rank: str, batch_size: int,
+    keep_per_prompt: bool, progress: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """(score, signed mean, float32 per-prompt scores or None, prompt count) from per-batch sums."""
+    prompts = check_prompts(prompts)
+    n, d = len(prompts), lm.d_mlp
+    total = torch.zeros(len(layers) * d, dtype=torch.float64)
+    total_abs = torch.zeros_like(total) if rank == "mean_abs" else None
+    per = torch.empty(n, len(layers) * d, dtype=torch.float32) if keep_per_prompt else None
+    rvs = {l: neuron_read(lm, ts, l) for l in layers} if norm == "cached" else {}
+    for rows, c in iter_last(lm, prompts, batch_size=batch_size, progress=progress):
+        idx = torch.as_tensor(rows)
+        for j, l in enumerate(layers):
+            s, cols = neuron_scores(lm, c, ts, l, norm, rv=rvs.get(l)), slice(j * d, (j + 1) * d)
+            total[cols] += s.sum(0)
+            if total_abs is not None:
+                total_abs[cols] += s.abs().sum(0)
+            if per is not None:
+                per[idx, cols] = s.float()
+    signed = total / n
+    score = signed.abs() if rank == "abs" else signed if rank == "signed" else total_abs / n
+    return score, signed, per, n
 
 
 def head_attribution(
     lm: LensModel, prompts: Sequence[str], targets: TargetSet | str = "he,she", *, norm: str = "cached", rank: str = "abs",
     o_bias_mode: str = "baseline", batch_size: int = 32, cache: LastCache | None = None, progress: bool = False,
 ) -> LocateResult:
-    """Bias score of every attention head (labels ``L{l}H{h}``); see the module docstring (bar if ``progress``)."""
+    """Bias score of every attention head (labels ``L{l}H{h}``); see the module docstring (bar if ``progress``).
+
+    Without ``cache`` the pass is streamed (:func:`iter_last`): only the ``[prompt, head]`` scores
+    are kept, filled batch by batch (the per-prompt output), never the residual cache.
+    """
     _check_opts(norm, rank)
     if o_bias_mode not in ("baseline", "split"):
         raise ValueError(f"o_bias_mode must be 'baseline' or 'split', got {o_bias_mode!r}")
     ts = check_pair(lm, targets)
-    cache = cache if cache is not None else collect_last(lm, prompts, batch_size=batch_size, progress=progress)
-    per = torch.cat([head_scores(lm, cache, ts, l, norm, o_bias_mode) for l in range(lm.n_layers)], 1)
+    L = lm.n_layers
+    if cache is None:
+        prompts = check_prompts(prompts)
+        per = torch.empty(len(prompts), L * lm.n_heads, dtype=torch.float64)
+        for rows, c in iter_last(lm, prompts, batch_size=batch_size, progress=progress):
+            per[torch.as_tensor(rows)] = torch.cat([head_scores(lm, c, ts, l, norm, o_bias_mode) for l in range(L)], 1)
+    else:
+        per = torch.cat([head_scores(lm, cache, ts, l, norm, o_bias_mode) for l in range(L)], 1)
     score, signed = _rank(per, rank)
-    labels = [f"L{l}H{h}" for l in range(lm.n_layers) for h in range(lm.n_heads)]
+    labels = [f"L{l}H{h}" for l in range(L) for h in range(lm.n_heads)]
     return LocateResult(
         "attribution", labels, score, variant=f"heads,norm={norm},rank={rank},o_bias={o_bias_mode}",
-        per_prompt=per.float(), model=lm.name, n_samples=cache.n_prompts,
+        per_prompt=per.float(), model=lm.name, n_samples=per.shape[0],
         extras={"signed": signed.float(), "targets": list(ts.words), "n_heads": lm.n_heads},
     )
 

@@ -15,14 +15,17 @@ with the final norm applied exactly once, so p^(L) is the model's own output dis
 
 Both come from one batched forward pass (:func:`residual_pass`) whose hooks reduce each block's
 ``[batch, pos, d_model]`` input/output at once to last-token slices and per-position cosines;
-no full activation cache is ever kept. Three interchangeable lenses run that pass: ``"hf"``
+no full activation cache is ever kept, and the scores are streamed: each batch's last-token
+residuals go through the lens as soon as the batch is done and are dropped, so the pass holds
+one batch of residuals whatever the prompt count (only per-prompt ``[prompt, layer]`` scores
+grow with it). Three interchangeable lenses run that pass: ``"hf"``
 (PyTorch forward hooks on the HF blocks), ``"tl"`` (TransformerLens bridge hook points
 ``resid_pre``/``resid_post``) and ``"nnsight"`` (a trace reading each block's input/output).
 Prompts are right-padded, so real tokens never attend to padding and padding is masked out of
 BMI.
 
 The logit lens (:func:`lens_probs`) stacks the last-token residuals of every layer and prompt
-into one unembedding matmul, chunked to :data:`LENS_LOGIT_BUDGET` logits in one reused buffer,
+of a batch into one unembedding matmul, chunked to :data:`LENS_LOGIT_BUDGET` logits in one reused buffer,
 with the log-sum-exp in cache-sized row blocks: the layer score then costs about its FLOP bound
 (body + n_layers+1 unembeddings per prompt; docs/performance.md). Half-precision models are
 upcast to float32 before the final norm, the unembedding and the softmax (:func:`lens_dtype`; a
@@ -68,10 +71,12 @@ Observer = Callable[[int, Tensor, Tensor], None]
 # --------------------------------------------------------------------------- the pass
 @dataclass
 class ResidualPass:
-    """What one pass keeps: last-token residuals of every layer and (optionally) per-prompt BMI."""
+    """What one pass keeps: last-token residuals of every layer (unless streamed), per-prompt BMI,
+    and (when the pass was given targets) the logit-lens target probabilities."""
 
-    last: Float[Tensor, "layer1 prompt d_model"]  # H^(0..L) at the last real token (model dtype)
+    last: Float[Tensor, "layer1 prompt d_model"] | None  # H^(0..L) at the last real token (model dtype)
     bmi: Float[Tensor, "prompt layer"] | None  # 1 - cos(H^(i), H^(i+1)), mean over real positions
+    probs: Float[Tensor, "layer1 prompt target"] | None = None  # p^(0..L) of the targets, float64
 
 
 def _check_lens(lens: str) -> None:
@@ -129,37 +134,49 @@ _RUNNERS = {"hf": _run_hf, "tl": _run_tl, "nnsight": _run_nnsight}
 @torch.no_grad()
 def residual_pass(
     lm: LensModel, prompts: Sequence[str], *, lens: str = "hf", batch_size: int = 32, bmi: bool = False,
-    progress: bool = False,
+    progress: bool = False, keep_last: bool = True, target_ids: Sequence[int] | None = None,
+    norm: str = "recompute",
 ) -> ResidualPass:
     """One batched forward pass keeping H^(0..L) at the last real token and, if ``bmi``, per-prompt BMI.
 
-    ``progress=True`` shows a bar over the batches (:func:`bias_lens.progress.bar`).
+    ``target_ids`` given: each batch's last-token residuals go through the logit lens
+    (:func:`lens_probs` with ``norm``, the final residual of the same batch for ``"cached"``) as
+    soon as the batch is done, into ``probs``. ``keep_last=False`` then drops them batch by batch
+    (``last`` is None), so the pass holds one batch of residuals whatever the prompt count: what
+    :func:`layer_scale` and :func:`bmi` do. ``progress=True`` shows a bar over the batches.
     """
     _check_lens(lens)
     prompts = check_prompts(prompts)
-    L, n = lm.n_layers, len(prompts)
-    last = torch.empty(L + 1, n, lm.d_model, dtype=lm.embed.weight.dtype)
+    L, n, dt = lm.n_layers, len(prompts), lm.embed.weight.dtype
+    last = torch.empty(L + 1, n, lm.d_model, dtype=dt) if keep_last else None
     per = torch.zeros(n, L, dtype=torch.float64) if bmi else None
+    probs = torch.empty(L + 1, n, len(target_ids), dtype=torch.float64) if target_ids is not None else None
+    lw = lens_weights(lm, (L + 1) * min(n, batch_size), dt) if probs is not None else None  # once per pass
     batches = iter_batches(lm.tokenizer, prompts, batch_size, device=lm.device)
     desc = "residual pass + BMI" if bmi else "residual pass"
     for b in bar(batches, total=batch_count(n, batch_size), desc=desc, enabled=progress, unit="batch"):
         rows = torch.as_tensor(b.rows)
         mask = b.attention_mask.bool()
         n_real = mask.sum(1).double()
+        blast = torch.empty(L + 1, len(b.rows), lm.d_model, dtype=dt)  # this batch's H^(0..L) at the last token
 
         def observe(i: int, x: Tensor, y: Tensor) -> None:
             ar = torch.arange(x.shape[0], device=x.device)
             idx = b.last.to(x.device)
             if i == 0:
-                last[0, rows] = x[ar, idx].detach().to("cpu", last.dtype)
-            last[i + 1, rows] = y[ar, idx].detach().to("cpu", last.dtype)
+                blast[0] = x[ar, idx].detach().to("cpu", dt)
+            blast[i + 1] = y[ar, idx].detach().to("cpu", dt)
             if per is not None:
                 cos = F.cosine_similarity(x.detach().double(), y.detach().double(), dim=-1)  # [batch, pos]
                 m = mask.to(cos.device)
                 per[rows, i] = ((1 - cos) * m).sum(1).cpu() / n_real
 
         _RUNNERS[lens](lm, b, observe)
-    return ResidualPass(last, per)
+        if last is not None:
+            last[:, rows] = blast
+        if probs is not None:
+            probs[:, rows] = lens_probs(lm, blast, target_ids, norm=norm, final=blast[-1], weights=lw)
+    return ResidualPass(last, per, probs)
 
 
 # --------------------------------------------------------------------------- logit lens
@@ -229,6 +246,7 @@ def lens_probs(
     *,
     norm: str = "recompute",
     final: Float[Tensor, "... d_model"] | None = None,
+    weights: LensWeights | None = None,
 ) -> Float[Tensor, "... target"]:
     """Target probabilities of the logit lens ``softmax(W_U FinalNorm(resid))`` (float64).
 
@@ -238,6 +256,9 @@ def lens_probs(
 
     All rows of ``resid`` (e.g. every layer x prompt) share one unembedding matmul, chunked to
     :data:`LENS_LOGIT_BUDGET` logits; half-precision models are upcast first (:func:`lens_dtype`).
+    ``weights`` (from :func:`lens_weights`) are the unembedding in the lens dtype and the logits
+    buffer, made once by a caller that lenses batch after batch (a half-precision ``W_U`` is then
+    upcast, and the buffer page-faulted, once per pass, not once per batch); same numbers without.
     """
     if norm not in NORM_MODES:
         raise ValueError(f"norm must be one of {', '.join(NORM_MODES)}; got {norm!r}")
@@ -249,12 +270,13 @@ def lens_probs(
     if final is not None and norm == "cached":
         s = norm_parts(lm.final_norm, lm.arch.norm).scale(final.to(dev).double()).to(dt)
         scale = torch.broadcast_to(s, (*lead, 1)).reshape(-1, 1)
-    w = lm.unembed.weight.detach().to(dt)  # no copy unless upcast
-    b = getattr(lm.unembed, "bias", None)
-    b = b.detach().to(dt) if b is not None else None
+    if weights is None or weights.w.dtype != dt:
+        weights = lens_weights(lm, rows.shape[0], resid.dtype)
+    w, b, chunk = weights.w, weights.b, weights.rows
     tid = torch.as_tensor(list(target_ids), device=w.device)
-    chunk = max(1, LENS_LOGIT_BUDGET // w.shape[0])
-    buf = torch.empty(min(chunk, rows.shape[0]), w.shape[0], dtype=dt, device=w.device)
+    n_buf = min(chunk, rows.shape[0]) * w.shape[0]
+    buf = weights.buf if weights.buf.numel() >= n_buf else torch.empty(n_buf, dtype=dt, device=w.device)
+    buf = buf[:n_buf].view(-1, w.shape[0])
     out = torch.empty(rows.shape[0], len(tid), dtype=torch.float64)
     for s0 in range(0, rows.shape[0], chunk):
         h = rows[s0 : s0 + chunk].to(dev).to(dt)
@@ -264,8 +286,33 @@ def lens_probs(
     return out.view(*lead, len(tid))
 
 
+@dataclass(frozen=True)
+class LensWeights:
+    """The unembedding in the lens dtype (a view of the model's own unless upcast) and one reused
+    logits buffer of ``rows`` rows (at most :data:`LENS_LOGIT_BUDGET` logits)."""
+
+    w: Float[Tensor, "d_vocab d_model"]
+    b: Float[Tensor, " d_vocab"] | None
+    buf: Tensor  # flat, rows * d_vocab elements
+    rows: int  # chunk of residual rows per matmul
+
+
+def lens_weights(lm: LensModel, n_rows: int, dtype: torch.dtype) -> LensWeights:
+    """:class:`LensWeights` for lensing up to ``n_rows`` residual rows of ``dtype`` per call."""
+    dt = lens_dtype(dtype)
+    w = lm.unembed.weight.detach().to(dt)  # no copy unless upcast
+    b = getattr(lm.unembed, "bias", None)
+    b = b.detach().to(dt) if b is not None else None
+    chunk = max(1, LENS_LOGIT_BUDGET // w.shape[0])
+    return LensWeights(w, b, torch.empty(min(chunk, max(1, n_rows)) * w.shape[0], dtype=dt, device=w.device), chunk)
+
+
 def _layer_probs(lm, rp: ResidualPass, ts: TargetSet, norm: str) -> Float[Tensor, "layer1 prompt target"]:
-    """p^(0..L) of the targets for every prompt: all (L+1) x prompt rows in one chunked lens."""
+    """p^(0..L) of the targets for every prompt: those the pass streamed, else all (L+1) x prompt
+    rows of the kept residuals in one chunked lens."""
+    if rp.probs is not None:
+        return rp.probs
+    assert rp.last is not None
     return lens_probs(lm, rp.last, ts.first_ids, norm=norm, final=rp.last[-1])
 
 
@@ -304,7 +351,8 @@ def _layer_pass(lm, prompts, targets, norm: str, lens: str, batch_size: int, pro
         raise ValueError(f"norm must be one of {', '.join(NORM_MODES)}; got {norm!r}")
     _check_lens(lens)
     ts = single_token_targets(lm, targets, "layer_scale")
-    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=bmi, progress=progress)
+    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=bmi, progress=progress, keep_last=False,
+                       target_ids=ts.first_ids, norm=norm)
     return rp, ts
 
 
@@ -342,7 +390,7 @@ def bmi(lm: LensModel, prompts: Sequence[str], *, lens: str = "hf", batch_size: 
     in float64 inside the hooks, so no residual stack is stored.
     """
     _check_lens(lens)
-    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=True, progress=progress)
+    rp = residual_pass(lm, prompts, lens=lens, batch_size=batch_size, bmi=True, progress=progress, keep_last=False)
     assert rp.bmi is not None
     return _bmi_result(lm, rp.bmi, lens)
 
@@ -391,7 +439,8 @@ def bmi_robustness(
     draws = [random.Random(s).sample(range(len(pool)), n) for s in seeds]
     uniq = sorted({i for d in draws for i in d})
     pos = {i: k for k, i in enumerate(uniq)}
-    rp = residual_pass(lm, [pool[i] for i in uniq], batch_size=batch_size, bmi=True, progress=progress)
+    rp = residual_pass(lm, [pool[i] for i in uniq], batch_size=batch_size, bmi=True, progress=progress,
+                       keep_last=False)
     assert rp.bmi is not None
     per_seed = torch.stack([rp.bmi[[pos[i] for i in d]].mean(0) for d in draws])  # [seed, layer]
     scores = per_seed.mean(0)
