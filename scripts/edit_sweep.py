@@ -45,9 +45,8 @@ ROWS: dict[str, EditPlan] = {
     "neuron": EditPlan(Finetune(lr=1e-3, eval_every=1, patience=8, **T), Where("neuron", 4096)),
     # neuron masking of the top attribution neurons (general neurons filtered out)
     "attribution_mask": EditPlan(Masking(), Where("attribution", 8)),
-    # contrastive: reference fine-tuned toward anti-stereotypical shares over the module, top-5000 |diff| taken
-    "contrastive": EditPlan(Contrastive(k=5000, reference=Finetune(loss="msme_align", lr=1e-4, epochs=1, **T)),
-                            Where("module", 1)),
+    # local contrastive editing (docs/contrastive.md): CDA references + IMP, every block matrix searched
+    "contrastive": EditPlan(Contrastive()),
 }
 
 

@@ -1,4 +1,4 @@
-"""Masked fine-tuning, neuron masking, contrastive editing and baselines on tiny models."""
+"""Masked fine-tuning, neuron masking and baselines on tiny models (contrastive: test_contrastive.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ import torch
 
 from bias_lens.edit import mask_from_labels
 from bias_lens.edit.baselines import fpft
-from bias_lens.edit.contrastive import (
-    anti_stereotypical, contrastive_edit, keep_mask, make_reference, mask_diff_mask, value_diff_mask, weight_names,
-)
 from bias_lens.edit.finetune import FinetuneConfig, masked_finetune
 from bias_lens.edit.measure import PrefixedModel, dev_afgb
 from bias_lens.edit.neuron_masking import neuron_mask_edit, neuron_mask_hooks
@@ -122,60 +119,7 @@ def test_neuron_mask_edit_equals_hook(tiny):
     assert_same(tiny.hf, snap)
 
 
-# --------------------------------------------------------------------------- contrastive
-@pytest.fixture
-def pair(tiny_llama):
-    ref = make_reference(tiny_llama, TRAIN, FinetuneConfig(lr=1e-2, epochs=1, batch_size=4, retention_threshold=math.inf))
-    return tiny_llama, ref
-
-
-def test_anti_stereotypical_targets():
-    out = anti_stereotypical([{"f": 0.0, "s": 0.6, "f_he": 0.5, "f_she": 0.5}, {"f": 0.4, "s": 0.2, "f_he": 0.7, "f_she": 0.3}])
-    assert out[0]["f_he"] == pytest.approx(0.2) and out[0]["f_she"] == pytest.approx(0.8)
-    assert out[1]["f_he"] == 0.7
-
-
-def test_contrastive_localisation_matches_brute_force(pair):
-    lm, ref = pair
-    names = weight_names(lm)
-    a, b = dict(lm.hf.named_parameters()), dict(ref.hf.named_parameters())
-    diffs = torch.cat([(b[n] - a[n]).detach().abs().reshape(-1) for n in names])
-    k = 50
-    m = value_diff_mask(lm, ref, k)
-    assert m.size == k
-    picked = torch.cat([((b[n] - a[n]).detach().abs() * m.masks.get(n, torch.zeros_like(a[n], dtype=torch.bool))).reshape(-1)
-                        for n in names])
-    assert torch.isclose(picked.sum(), torch.topk(diffs, k).values.sum())
-    md = mask_diff_mask(lm, ref, 0.5)
-    for n in names:
-        expect = keep_mask(a[n], 0.5) ^ keep_mask(b[n], 0.5)
-        assert torch.equal(md.masks.get(n, torch.zeros_like(expect)), expect)
-    t = torch.tensor([[0.1, -3.0], [2.0, 0.5]])
-    assert torch.equal(keep_mask(t, 0.5), torch.tensor([[False, True], [True, False]]))
-
-
-def test_contrastive_edit_modes(pair):
-    lm, ref = pair
-    mask = value_diff_mask(lm, ref, 30)
-    a, b = dict(lm.hf.named_parameters()), dict(ref.hf.named_parameters())
-    for n in mask.names:
-        i = mask.indices(n)
-        full = contrastive_edit(lm, ref, mask, "interpolate", alpha=1.0)
-        assert torch.equal(full.values[n], b[n].detach().reshape(-1)[i])
-        none = contrastive_edit(lm, ref, mask, "interpolate", alpha=0.0)
-        assert torch.equal(none.values[n], a[n].detach().reshape(-1)[i])
-        ext = contrastive_edit(lm, ref, mask, "extrapolate", alpha=2.0)
-        old = a[n].detach().reshape(-1)[i]
-        torch.testing.assert_close(ext.values[n], old + 2 * (b[n].detach().reshape(-1)[i] - old))
-        assert (contrastive_edit(lm, ref, mask, "prune").values[n] == 0).all()
-    with pytest.raises(ValueError):
-        contrastive_edit(lm, ref, mask, "interpolate", alpha=1.5)
-    md = mask_diff_mask(lm, ref, 0.5)
-    sw = contrastive_edit(lm, ref, md, "mask_switch", sparsity=0.5)
-    for n in md.names:
-        keep_ref = keep_mask(b[n], 0.5).reshape(-1)[md.indices(n)]
-        old = a[n].detach().reshape(-1)[md.indices(n)]
-        assert torch.equal(sw.values[n], torch.where(keep_ref, old, torch.zeros_like(old)))
+# contrastive editing: tests/test_contrastive.py
 
 
 # --------------------------------------------------------------------------- prompt baseline
