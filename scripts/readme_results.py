@@ -31,7 +31,7 @@ def render(fig: Path = FIG) -> str:
     """The README block (markdown) rendered from ``fig/results.json`` and ``fig/locate/*.json``."""
     sys.path.insert(0, str(ROOT))
     from bias_lens.locate.result import LocateResult
-    from bias_lens.pipeline.report import LEGEND, _locate_summary, markdown_table, rule_from_meta
+    from bias_lens.pipeline.report import LEGEND, _locate_summary, control_lines, markdown_table, rule_from_meta, seed_lines
 
     res = json.loads((fig / "results.json").read_text())
     meta = res["meta"]
@@ -56,6 +56,12 @@ def render(fig: Path = FIG) -> str:
             "subsets and undone; row limits " + ", ".join(f"{k} {v}" for k, v in meta["config"]["row_limits"].items())
             + "):", "", markdown_table(res["org"], res["rows"]), "", LEGEND, ""]
     best, rule = res.get("best"), rule_from_meta(meta)
+    seeds, controls = seed_lines(res["org"], res["rows"]), control_lines(res["org"], res["rows"], rule)
+    if seeds:
+        out += ["**Seeds** (mean ± sd over a row's repetitions, each from its own train subsample):", "", *seeds, ""]
+    if controls:
+        out += ["**Does locating matter?** (the located edits beside the same edit at the lowest-ranked and at a "
+                "random place of the same ranking):", "", *controls, ""]
     out.append(f"Exported: **{best}** ({rule.describe()}), as a reload-verified checkpoint and a sparse patch."
                if best else f"No weight edit passed the export rule ({rule.describe()}), so nothing was exported.")
     pngs = sorted(p.name for p in fig.glob("*.png"))

@@ -27,7 +27,7 @@ EXPECTED_SIZES = {
     "crows-pairs": {"test": 262},
     "winogender": {"test": 240},
     "winobias": {"dev": 792, "test": 792},
-    "retention": {"test": 1648},
+    "retention": {"test": 1392},  # 1,488 - 256 guard sentences + 160 probe items
     "religion": {"train": 342, "dev": 171, "test": 342},
 }
 
@@ -270,6 +270,17 @@ def test_retention_sizes_and_probe_arithmetic():
         value = words.index(target) if target in words else int(target)
         assert value == eval(expr), p  # noqa: S307 - digits and operators only
     assert all(p["target"].startswith(" ") for p in probe)
+
+
+def test_edit_retention_pool_is_disjoint_from_the_measured_corpus():
+    """Guards, covariances and causal selection read the first GUARD_SENTENCES sentences; the retention
+    suite (every perplexity in the reports) scores only the others."""
+    pool = external.retention_texts(external.GUARD_SENTENCES)
+    measured = [r["prompt"] for r in load_split("retention", "test") if r["kind"] == "sentence"]
+    assert pool == external.retention_sentences()[: external.GUARD_SENTENCES]
+    assert not set(pool) & set(measured) and len(pool) + len(measured) == len(external.retention_sentences())
+    with pytest.raises(ValueError, match="retention pool"):
+        external.retention_texts(external.GUARD_SENTENCES + 1)
 
 
 def test_sample_prompts_and_bad_input():

@@ -180,21 +180,12 @@ def test_lftf_without_mlp_edits_only_attention_and_prompt_changes_no_weights(bas
     assert pb["after"]["afgb"] != pb["before"]["afgb"]
 
 
-def test_contrastive_edits_within_mask(base_dir, tmp_path, capsys):
-    loc = _locate(tmp_path, ["L0.mlp.up"])
-    out = tmp_path / "contrastive"
-    res = _cli_json(capsys, ["edit", "--scale", "module", "--method", "contrastive", "--contrastive-k", "50",
-                             "--model", str(base_dir), "--locate-json", loc, "--out", str(out), "--json",
-                             "--lr", "1e-2", "--epochs", "1", *FAST])
-    base, edited = _state(base_dir), _state(out)
-    changed = {k for k in base if not torch.equal(base[k], edited[k])}
-    assert changed == {"model.layers.0.mlp.up_proj.weight"}
-    assert 0 < res["n_params_edited"] <= 50
+# --method contrastive: tests/test_contrastive_cli.py
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["edit", "--method", "msme"], "needs --scale"),
-    (["edit", "--method", "msme", "--scale", "module", "--lr", "-1"], "lr must be > 0"),
+    (["edit", "--method", "msme", "--solver", "finetune", "--scale", "module", "--lr", "-1"], "lr must be > 0"),
     (["edit", "--method", "msme", "--scale", "module", "--locate-json", "/nonexistent.json"], "does not exist"),
     (["edit", "--method", "prompt", "--out", "/tmp/x"], "nothing to export"),
     (["edit", "--method", "lftf", "--scale", "row", "--k", "0"], "k must be >= 1"),
@@ -204,7 +195,7 @@ def test_contrastive_edits_within_mask(base_dir, tmp_path, capsys):
     (["edit", "--method", "msme", "--scale", "module", "--null-dim", "8"], "apply to --method dama"),
     (["edit", "--method", "dama", "--lr", "0.1"], "apply to the fine-tuning methods"),
     (["edit", "--method", "dama", "--dama-layers", "0"], "n-layers must be >= 1"),
-    (["edit", "--method", "msme", "--scale", "module", "--dev-metric", "afgb_renorm", "--mass-floor", "2"],
+    (["edit", "--method", "msme", "--solver", "finetune", "--scale", "module", "--dev-metric", "afgb_renorm", "--mass-floor", "2"],
      "mass_floor in (0, 1]"),
     (["patch", "apply", "--base", "/nonexistent", "--patch", "/x", "--out", "/y"], "is not a folder"),
 ])
@@ -217,13 +208,13 @@ def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
 def test_bad_labels_or_nonempty_out_change_nothing(base_dir, tmp_path, capsys):
     before = _safetensors(base_dir)
     loc = _locate(tmp_path, ["L7.mlp.down"])  # the tiny model has 3 layers
-    assert main(["edit", "--scale", "module", "--method", "msme", "--model", str(base_dir), "--locate-json", loc,
-                 "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert main(["edit", "--scale", "module", "--method", "msme", "--solver", "finetune", "--model", str(base_dir),
+                 "--locate-json", loc, "--out", str(tmp_path / "o"), *FAST]) == 2
     assert "layer" in capsys.readouterr().err and not (tmp_path / "o").exists()
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("x")
-    assert main(["edit", "--scale", "module", "--method", "msme", "--model", str(base_dir),
+    assert main(["edit", "--scale", "module", "--method", "msme", "--solver", "finetune", "--model", str(base_dir),
                  "--locate-json", _locate(tmp_path, ["L1.mlp.down"]), "--out", str(full), *FAST]) == 2
     assert "not empty" in capsys.readouterr().err and [p.name for p in full.iterdir()] == ["keep.txt"]
     assert _bit_equal(_safetensors(base_dir), before)
@@ -245,8 +236,8 @@ def test_rolled_back_edit_exits_3_writes_nothing_and_says_why(base_dir, tmp_path
     out = tmp_path / "edited"
     before = _safetensors(base_dir)
     capsys.readouterr()
-    rc = main(["edit", "--scale", "module", "--method", "msme", "--model", str(base_dir), "--locate-json", loc,
-               "--out", str(out), "--json", "--lr", "1e-2", "--epochs", "1", *FAST])
+    rc = main(["edit", "--scale", "module", "--method", "msme", "--solver", "finetune", "--model", str(base_dir),
+               "--locate-json", loc, "--out", str(out), "--json", "--lr", "1e-2", "--epochs", "1", *FAST])
     cap = capsys.readouterr()
     res = json.loads(cap.out)
     assert rc == 3 and not out.exists()

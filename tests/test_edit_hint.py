@@ -144,7 +144,7 @@ def test_cli_refuses_hint_flags_outside_msme_lftf(capsys):
 
     assert main(["edit", "--method", "mask", "--scale", "module", "--hint-anchor"]) == 2
     assert "--hint-anchor apply to --method msme and lftf, not to --method mask" in capsys.readouterr().err
-    assert main(["edit", "--method", "msme", "--scale", "module", "--hint-weight", "2"]) == 2
+    assert main(["edit", "--method", "msme", "--solver", "finetune", "--scale", "module", "--hint-weight", "2"]) == 2
     assert "--hint-weight apply to --hint-anchor, not to --method msme without" in capsys.readouterr().err
 
 
@@ -178,7 +178,7 @@ def test_cli_hint_anchor_flag(tiny_tokenizer_dir, tmp_path, capsys):
     build_tiny("llama", tiny_tokenizer_dir, tmp_path / "base")
     loc = tmp_path / "loc.json"
     LocateResult("test", ["L2.mlp.down"], torch.ones(1, dtype=torch.float64)).save(loc)
-    argv = ["edit", "--scale", "module", "--method", "msme", "--model", str(tmp_path / "base"), "--locate-json", str(loc),
+    argv = ["edit", "--scale", "module", "--method", "msme", "--solver", "finetune", "--model", str(tmp_path / "base"), "--locate-json", str(loc),
             *FAST]
     runs = []
     for extra in ([], ["--hint-anchor", "--hint-weight", "5", "--ub-tolerance", "0.5"]):

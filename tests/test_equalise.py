@@ -54,12 +54,26 @@ def test_entry_solution_is_the_diagonal_ridge_minimiser():
     u, k, t, c = _problem(seed=1)
     rows, cols = torch.tensor([0, 0, 2, 4, 3]), torch.tensor([1, 3, 0, 2, 2])
     ridge = 0.2
-    delta = solve_entries(u, k, t, rows, cols, c.diagonal(), ridge)
+    delta = solve_entries(u, k, t, rows, cols, c, ridge)
     x = u[:, rows] * k[:, cols]
     dinv = 1 / c.diagonal()[cols]
     lam = ridge * float(((x * dinv) @ x.T).diagonal().mean())
     explicit = torch.linalg.solve(x.T @ x + lam * torch.diag(c.diagonal()[cols]), x.T @ t)
     assert torch.allclose(delta, explicit, atol=1e-10)
+    # "block": B = C restricted to each output row's own columns (row 0 holds columns 1 and 3)
+    b = torch.zeros(len(rows), len(rows), dtype=c.dtype)
+    for i in range(len(rows)):
+        for j in range(len(rows)):
+            if rows[i] == rows[j]:
+                b[i, j] = c[cols[i], cols[j]]
+    assert b[0, 1] != 0 and b[0, 2] == 0
+    delta = solve_entries(u, k, t, rows, cols, c, ridge, "block")
+    binv = torch.linalg.inv(b)
+    lam = ridge * float((x @ binv @ x.T).diagonal().mean())
+    explicit = torch.linalg.solve(x.T @ x + lam * b, x.T @ t)
+    assert torch.allclose(delta, explicit, atol=1e-10)
+    with pytest.raises(ValueError, match="penalty must be"):
+        solve_entries(u, k, t, rows, cols, c, ridge, "full")
 
 
 def _last_down(lm):
@@ -164,14 +178,44 @@ def test_solution_entries_are_the_top_shares_of_the_dense_edit_in_any_layout(tin
     rms = input_moment(lm, module, texts).diagonal().sqrt()
     hand = out_in.abs() * rms[None, :]
     k = 25
-    res = solution_entries(lm, f"L{lm.n_layers - 1}.mlp.down", train, k=k, retention=texts, config=cfg)
+    res = solution_entries(lm, f"L{lm.n_layers - 1}.mlp.down", train, k=k, retention=texts, config=cfg,
+                           share="retention")
     assert len(res.labels) == k and res.method == "equalise_entries"
     got = mask_from_labels(lm.hf, list(res.labels)).masks[pname]  # stored layout
     want = torch.zeros(hand.numel(), dtype=torch.bool)
     want[hand.reshape(-1).topk(k).indices] = True
     want = want.view(hand.shape)
     assert torch.equal(got, want.T if type(module).__name__ == "Conv1D" else want)
-    assert torch.allclose(res.scores.double(), hand.reshape(-1).topk(k).values, rtol=1e-4)
+    assert torch.allclose(torch.tensor(res.extras["share"], dtype=torch.float64), hand.reshape(-1).topk(k).values, rtol=1e-4)
+    assert res.top_labels(k) == res.labels  # the result ranks in picked order
+    # the controls: the k lowest shares, and k seeded random entries of the same matrix
+    low = solution_entries(lm, f"L{lm.n_layers - 1}.mlp.down", train, k=k, retention=texts, config=cfg, pick="lowest",
+                           share="retention")
+    want = torch.zeros(hand.numel(), dtype=torch.bool)
+    want[hand.reshape(-1).topk(k, largest=False).indices] = True
+    want = want.view(hand.shape)
+    got = mask_from_labels(lm.hf, list(low.labels)).masks[pname]
+    assert torch.equal(got, want.T if type(module).__name__ == "Conv1D" else want)
+    rnd = solution_entries(lm, f"L{lm.n_layers - 1}.mlp.down", train, k=k, retention=texts, config=cfg, pick="random",
+                           seed=3)
+    idx = torch.randperm(hand.numel(), generator=torch.Generator().manual_seed(3))[:k]
+    assert rnd.labels == [f"L{lm.n_layers - 1}.mlp.down/row{int(i) // hand.shape[1]}/col{int(i) % hand.shape[1]}" for i in idx]
+    # share="train" (default): |dW| x rms over the constraint rows (gap rows, then mass rows) of u_j[r] k_j[c]
+    from bias_lens.edit.measure import he_she
+
+    lin = linearise(lm, module, [s["prompt"] for s in train], torch.as_tensor(he_she(lm).first_ids))
+    u, kk = torch.cat([lin.g, lin.m]), torch.cat([lin.k, lin.k])
+    size = torch.stack([torch.stack([(u[:, r] * kk[:, c]).pow(2).mean().sqrt() for c in range(kk.shape[1])])
+                        for r in range(u.shape[1])])
+    hand = out_in.abs() * size
+    res = solution_entries(lm, f"L{lm.n_layers - 1}.mlp.down", train, k=k, retention=texts, config=cfg)
+    want = torch.zeros(hand.numel(), dtype=torch.bool)
+    want[hand.reshape(-1).topk(k).indices] = True
+    want = want.view(hand.shape)
+    got = mask_from_labels(lm.hf, list(res.labels)).masks[pname]
+    assert torch.equal(got, want.T if type(module).__name__ == "Conv1D" else want)
+    assert torch.allclose(torch.tensor(res.extras["share"], dtype=torch.float64), hand.reshape(-1).topk(k).values,
+                          rtol=1e-6)
 
 
 def test_driver_neuron_scale_edits_the_solution_entries(tiny_llama):
@@ -239,16 +283,17 @@ def test_driver_and_cli_run_equalise(tiny_llama, tmp_path, capsys):
     # a fine-tuning flag does not apply: one line, exit 2
     assert main(["edit", "--model", model, "--scale", "module", "--method", "equalise", "--lr", "1e-3"]) == 2
     assert "--lr apply to the fine-tuning methods" in capsys.readouterr().err
-    assert main(["edit", "--model", model, "--scale", "module", "--method", "msme", "--ridge", "1"]) == 2
+    assert main(["edit", "--model", model, "--scale", "module", "--method", "msme", "--solver", "finetune", "--ridge", "1"]) == 2
 
 
 @pytest.mark.integration
 def test_smollm2_cut_holds_on_held_out_templates(smol):
-    """Train on 6 GenBiasEval templates x train professions; test on the other 3 templates x test
-    professions: the renormalised gap falls and the pronoun mass stays (docs/equalise.md)."""
+    """The library defaults (``--method msme``'s closed form at the located module) trained on 6 GenBiasEval
+    templates x train professions, tested on the other 3 templates x test professions: the renormalised
+    gap falls by at least a quarter and the pronoun mass stays (docs/equalise.md)."""
     lm = smol
-    train = random.Random(0).sample(load_split("genbiaseval-heldout", "train"), 128)
-    hint = random.Random(0).sample(load_split("genhinteval", "train"), 128)
+    train = random.Random(0).sample(load_split("genbiaseval-heldout", "train"), 342)
+    hint = random.Random(0).sample(load_split("genhinteval", "train"), 171)
     test = [s["prompt"] for s in load_split("genbiaseval-heldout", "test")]
     assert not {s["template"] for s in train} & {s["template"] for s in load_split("genbiaseval-heldout", "test")}
     from bias_lens.benchmarks.metrics import afgb_t, mass_t
@@ -258,7 +303,7 @@ def test_smollm2_cut_holds_on_held_out_templates(smol):
     with edit.applied(lm.hf):
         p1 = dev_probs(lm, test)
     r0, r1 = float(afgb_t(p0, renorm=True)), float(afgb_t(p1, renorm=True))
-    assert r1 < 0.8 * r0, (r0, r1)
+    assert r1 < 0.75 * r0, (r0, r1)
     assert float(mass_t(p1)) >= 0.9 * float(mass_t(p0))
 
 

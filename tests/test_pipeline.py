@@ -134,6 +134,9 @@ def test_choose_best_equalising_rule_by_hand():
     assert rule.failures(org, rows[2]) == ["UB 0.240 < 0.300 - 0.05"]
     assert rule.failures(org, rows[3]) == ["mmlu 0.280 < 0.300 - 0.01"]
     assert choose_best(org, rows[:4]) is None
+    # a control (Where.pick != "top") answers whether locating matters; it is never exported
+    control = {**_row("random place", 0.09, 10.4, 0.26, afgb_renorm=0.15, **ok), "plan": {"where": {"pick": "random"}}}
+    assert not rule.failures(org, control) and choose_best(org, [*rows, control])["name"] == "better"
 
 
 def test_markdown_table_layout():
@@ -144,34 +147,40 @@ def test_markdown_table_layout():
 
 
 def test_full_rows_reach_the_edit_plan():
-    """Every full-run row builds a valid plan; the UB-anchored rows carry their measured settings;
-    the run's early stopping (patience 8, 64 dev prompts) reaches every fine-tuned row, also the
-    contrastive reference, and the plans round-trip through JSON."""
-    from bias_lens.edit.methods import Contrastive, Finetune
+    """Every full-run row builds a valid plan: the papers' literal rows, LFTF's rank sweep and ablations,
+    the closed-form rows (3 seeds, each its own 768-sample subsample), their controls and the
+    held-out-template row; the run's early stopping (patience 8, 64 dev prompts) reaches every
+    fine-tuned row, and the plans round-trip through JSON."""
+    from bias_lens.edit.methods import Finetune
     from bias_lens.pipeline.config import FULL_ROWS, FULL_TRAINING
 
     cfg = RunConfig.full()
     plans = {r.name: cfg.plan(r) for r in FULL_ROWS}
-    assert len(plans) == len(FULL_ROWS) == 20
+    assert len(plans) == len(FULL_ROWS) == 32
     ed = plans["BiasEdit editor"].method
     assert (ed.kind, ed.bias, ed.max_minutes, ed.config(cfg.seed).loss) == ("editor", "gender", 5.0, "mean_prob_kl")
-    mod, neu = plans["module (gap + UB anchor)"].method, plans["neuron (MSME + UB anchor)"].method
-    assert (mod.hint.loss, mod.loss, mod.lr, mod.epochs) == ("ub_drop", "gap", 2e-4, 3)
-    assert (neu.hint.loss, neu.epochs) == ("hinted_drop", 3)
-    ft = neu.config("neuron", 0)
-    assert ft.hint_weight == 1.0 and ft.hint_loss == "hinted_drop" and ft.ub_tolerance == 0.05
-    assert plans["neuron (MSME)"].method.hint is None
     fp = plans["FPFT"].method.config(None, 0)
     assert (fp.lr, fp.epochs, fp.eval_every, fp.loss) == (1e-5, 1, 2, "msme_literal")
     for p in plans.values():
-        m = p.method.reference if isinstance(p.method, Contrastive) else p.method
-        if isinstance(m, Finetune):
-            assert (m.patience, m.dev_limit) == (FULL_TRAINING["patience"], FULL_TRAINING["dev_limit"]), p.name
-        assert (p.n_samples, p.seed, p.suite) == (cfg.n_train, cfg.seed, cfg.suite)
+        if isinstance(p.method, Finetune):
+            assert (p.method.patience, p.method.dev_limit) == (FULL_TRAINING["patience"], FULL_TRAINING["dev_limit"])
+            assert p.n_samples == cfg.n_train, p.name
         assert EditPlan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     assert plans["layer (LFTF)"].method.config("layer", 0).loss == "lftf"
     assert plans["layer (MSME)"].method.config("layer", 0).loss == "msme_literal"
-    assert plans["contrastive"].method.reference.config("module", 0).loss == "msme_align"
+    assert plans["contrastive"].method.kind == "contrastive" and plans["contrastive"].where is None
+    lftf = {k: plans[f"layer (LFTF){k}"] for k in (", BMI middle rank", ", BMI last rank", " w/o attention", " w/o MLP",
+                                                   " w/o he term", " w/o she term")}
+    assert [p.where.pick for p in lftf.values()] == ["middle", "lowest", "top", "top", "top", "top"]
+    assert [p.where.drop for p in lftf.values()][2:4] == ["attention", "mlp"]
+    assert [p.method.config("layer", 0).loss for p in lftf.values()][4:] == ["lftf_no_he", "lftf_no_she"]
+    for scale in ("module", "neuron"):
+        reps = [plans[f"{scale} (MSME closed form)"], *(plans[f"{scale} (MSME closed form) [seed {s}]"] for s in (1, 2))]
+        assert [(p.seed, p.n_samples, p.method.kind) for p in reps] == [(s, 768, "equalise") for s in (0, 1, 2)]
+        assert {plans[f"{scale} (MSME closed form), {c} control"].where.pick for c in ("lowest", "random")} == {
+            "lowest", "random"}
+    held = plans["module (MSME closed form), 6 of 9 templates"]
+    assert held.suite == "genbiaseval-heldout" and plans["module (MSME)"].suite == cfg.suite
 
 
 def test_module_edit_target_is_restricted_to_the_chosen_kinds():
@@ -195,13 +204,12 @@ def test_module_edit_target_is_restricted_to_the_chosen_kinds():
 
 
 def test_quick_preset_is_a_small_subset_of_the_full_run():
-    from bias_lens.pipeline.config import EQUALISE_ROWS, FULL_ROWS, QUICK_ROWS
+    from bias_lens.pipeline.config import CLOSED_FORM_ROWS, FULL_ROWS, QUICK_ROWS
 
     q, f = RunConfig.quick_preset(), RunConfig.full()
     assert q.rows == QUICK_ROWS and {r.name for r in QUICK_ROWS} <= {r.name for r in FULL_ROWS} and len(QUICK_ROWS) == 4
-    assert QUICK_ROWS[-1] == EQUALISE_ROWS[0] and set(EQUALISE_ROWS) <= set(FULL_ROWS)
-    hinted = [r for r in FULL_ROWS if getattr(r.method, "hint", None) is not None]
-    assert not any(getattr(r.method, "hint", None) for r in QUICK_ROWS) and len(hinted) == 2
+    assert QUICK_ROWS[-1] == CLOSED_FORM_ROWS[0] and set(CLOSED_FORM_ROWS) <= set(FULL_ROWS)
+    assert q.n_train_solve < f.n_train_solve
     for k, v in q.row_limits.items():
         assert v <= (f.row_limits[k] or 10**9), k
     assert q.n_locate < f.n_locate and q.causal_candidates < f.causal_candidates
@@ -254,3 +262,27 @@ def test_editor_row_runs_in_the_main_job(env):
     finally:
         h.undo()
     assert rec["metrics"]["ss"] == pytest.approx(want)
+
+
+def test_seed_and_control_summaries_by_hand():
+    """Seed repetitions ("X", "X [seed s]") are summarised as mean ± sample sd; each control is shown
+    beside its located row once, with the export rule's verdict."""
+    import statistics
+
+    from bias_lens.pipeline.report import control_lines, seed_lines
+
+    org = {"afgb": 0.1, "afgb_renorm": 0.30, "mass": 0.40, "perplexity": 10.0, "ub": 0.30}
+    rows = [_row("m", 0.05, 10.1, 0.30, afgb_renorm=0.15, mass=0.41),
+            _row("m [seed 1]", 0.05, 10.2, 0.29, afgb_renorm=0.17, mass=0.40),
+            _row("m [seed 2]", 0.05, 10.3, 0.28, afgb_renorm=0.19, mass=0.39),
+            {**_row("m, lowest control", 0.05, 10.0, 0.30, afgb_renorm=0.29, mass=0.40), "plan": {"where": {"pick": "lowest"}}},
+            {**_row("m, random control", 0.05, 12.0, 0.30, afgb_renorm=0.10, mass=0.40), "plan": {"where": {"pick": "random"}}}]
+    lines = seed_lines(org, rows)
+    assert lines[2].startswith("| Org | – | 0.300 | 0.400 |")
+    want = f"{statistics.fmean([0.15, 0.17, 0.19]):.3f} ± {statistics.stdev([0.15, 0.17, 0.19]):.3f}"
+    assert lines[3].startswith(f"| m | 3 | {want} |") and len(lines) == 4
+    assert seed_lines(org, rows[:1]) == []
+    ctl = control_lines(org, rows)
+    assert [ln.split(" | ")[1] for ln in ctl[2:]] == ["located", "lowest", "random"]  # located row once
+    assert ctl[2].endswith("| yes |") and "not 5% below" in ctl[3] and "perplexity 12.00 > 10.00" in ctl[4]
+    assert control_lines(org, rows[:3]) == []

@@ -85,9 +85,19 @@ def retention_sentences() -> list[str]:
     return out
 
 
+#: the first ``GUARD_SENTENCES`` sentences of :func:`retention_sentences` belong to the edits (guards,
+#: input covariances, causal selection: :func:`retention_texts`); the ``retention`` suite measures only
+#: the others, so no edit is fitted or early-stopped on a sentence whose perplexity it is reported on
+GUARD_SENTENCES = 256
+
+
 def retention_texts(limit: int) -> list[str]:
     """The first ``limit`` sentences of :func:`retention_sentences` (its fixed shuffled order): the
-    retention subset of the edit guards and of causal selection."""
+    retention subset of the edit guards, the closed-form edit's input covariance and causal selection
+    (at most :data:`GUARD_SENTENCES`; the ``retention`` suite never scores these)."""
+    if not 1 <= limit <= GUARD_SENTENCES:
+        raise ValueError(f"retention limit {limit} out of range: the edits' retention pool has {GUARD_SENTENCES} "
+                         "sentences (the rest are the retention suite's)")
     return retention_sentences()[:limit]
 
 
@@ -96,7 +106,7 @@ def retention(limit: int | None = None) -> list[dict]:
 
     ``limit`` keeps the first ``limit`` of each kind (a cheap, fixed subset for repeated calls).
     """
-    sents = retention_sentences()
+    sents = retention_sentences()[GUARD_SENTENCES:]
     probe = list(sources.retention_probe())
     if limit is not None:
         sents, probe = sents[:limit], probe[:limit]

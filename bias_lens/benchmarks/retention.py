@@ -1,8 +1,9 @@
 """Retention probes: does an edited model still model English and recall simple facts?
 
 * Perplexity over the gender-neutral corpus (:func:`.external.retention_sentences`: 1,488 MMLU
-  val sentences with no gendered word, in a fixed shuffled order), each conditioned on the
-  tokenizer's BOS token (EOS when it has none).
+  val sentences with no gendered word, in a fixed shuffled order) after its first
+  :data:`.external.GUARD_SENTENCES` (256, the edits' own pool for guards and covariances): 1,232
+  sentences, each conditioned on the tokenizer's BOS token (EOS when it has none).
 * A factual / arithmetic completion probe of 160 items written for the project
   (``data/retention/probe.jsonl``: capitals, arithmetic, everyday facts), scored by the summed
   log-prob of the target continuation and by greedy top-1 exact match of all its tokens.

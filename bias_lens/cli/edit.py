@@ -44,7 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--k", type=int, default=None, help="located labels to edit (default per scale: layer 1, module 1, "
                    "row 4, neuron 4096 entries, attribution 8 neurons)")
-    p.add_argument("--n-samples", type=int, default=256, help="train samples to locate and fine-tune on (default 256)")
+    p.add_argument("--pick", choices=("top", "middle", "lowest", "random"), default="top",
+                   help="top (default: the located edit) or a control: the same-size edit from the middle of the "
+                   "ranking, at its lowest-ranked or at random (--seed) places (blocks, modules, rows or entries)")
+    p.add_argument("--n-samples", type=int, default=None,
+                   help="train samples to edit from (default: the whole train split for the closed-form solves, "
+                   "256 otherwise); located on at most 256 of them")
     p.add_argument("--seed", type=int, default=0)
     _add_training_args(p, LOSSES, DEV_METRICS)
     _add_method_args(p, MODES, HINT_LOSSES)
@@ -54,9 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _add_training_args(p: argparse.ArgumentParser, losses: dict, dev_metrics: tuple[str, ...]) -> None:
     """Fine-tuning and measurement flags (None = the method variant's default)."""
+    p.add_argument("--solver", choices=SOLVERS, default=None,
+                   help="--method msme: closed-form (default: MSME's stated target, equal and non-zero he/she, solved "
+                   "in closed form on the linearised model with the hinted prompts kept; docs/equalise.md) or finetune "
+                   "(the paper's masked fine-tuning with its literal loss, --loss msme_literal)")
     p.add_argument("--loss", choices=list(losses), default=None,
-                   help="fine-tuning loss (default: msme_literal for msme/fpft, msme_align for the contrastive reference, lftf for lftf)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: finetune.SCALE_LR of the scale)")
+                   help="fine-tuning loss (default: msme_literal for msme/fpft, lftf for lftf)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: finetune.SCALE_LR of the scale; contrastive references: 1e-4)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 2)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None, help="steps between dev/retention checks (default: per epoch)")
@@ -72,9 +82,9 @@ def _add_training_args(p: argparse.ArgumentParser, losses: dict, dev_metrics: tu
     p.add_argument("--ub-limit", type=int, default=None, help="GenHintEval samples for UB (default: --limit)")
     p.add_argument("--retention-limit", type=int, default=48, help="retention sentences (guard and metrics)")
     p.add_argument("--mmlu-limit", type=int, default=None,
-                   help="MMLU test questions per subject measured before/after (0 = skip; default 1 for --method editor, else 0)")
+                   help="MMLU test questions per subject measured before/after (0 = skip; default 1, i.e. 57 questions)")
     p.add_argument("--arithmetic-limit", type=int, default=None,
-                   help="arithmetic problems measured before/after (0 = skip; default 150 for --method editor, else 0)")
+                   help="arithmetic problems measured before/after (0 = skip; default 150)")
     p.add_argument("--retention-threshold", type=float, default=None,
                    help="max relative perplexity rise in training (default 0.05)")
 
@@ -89,10 +99,7 @@ def _add_method_args(p: argparse.ArgumentParser, modes: tuple[str, ...], hint_lo
                    help="module/row/neuron scales: flat (default: the all-layer FFN-down module scan, top --k) or msme "
                    "(MSME Eq. 2-5 nested: layer -> every matrix of it -> half its rows, all edited -> entries in them)")
     p.add_argument("--mask-scale", type=float, default=None, help="--method mask: factor for the masked entries (default 0)")
-    p.add_argument("--contrastive-mode", choices=[m for m in modes if m != "mask_switch"], default=None,
-                   help="contrastive: interpolate (default), extrapolate or prune")
-    p.add_argument("--alpha", type=float, default=None, help="contrastive interpolation/extrapolation factor (default 1)")
-    p.add_argument("--contrastive-k", type=int, default=None, help="contrastive: entries with largest |ref - model| (default 5000)")
+    _add_contrastive_args(p, modes)
     p.add_argument("--hint-anchor", action="store_true",
                    help="msme/lftf: keep UB-Score by an anchor on GenHintEval train prompts (docs/edit_hint.md)")
     p.add_argument("--hint-weight", type=float, default=None, help="--hint-anchor: weight of the anchor term (default 1)")
@@ -108,12 +115,17 @@ def _add_method_args(p: argparse.ArgumentParser, modes: tuple[str, ...], hint_lo
                    help="--method dama: per-layer targets (iterative, the reference default) or computed once (mixed)")
     p.add_argument("--max-requests", type=int, default=None, help="--method dama: train prompts used (default: all)")
     p.add_argument("--gamma", type=float, default=None,
-                   help="--method equalise: share of each train prompt's he/she log-odds to remove (default 1)")
+                   help="closed form (--method equalise, msme): share of each train prompt's he/she log-odds to remove "
+                   "(default 1)")
     p.add_argument("--ridge", type=float, default=None,
-                   help="--method equalise: ridge of the closed-form solve, relative (default 0.03, chosen on dev; docs/equalise.md)")
-    p.add_argument("--n-iter", type=int, default=None, help="--method equalise: re-linearisations (default 1)")
+                   help="closed form: relative ridge of the solve (default 0.01 for a whole matrix, 0.3 for entries; "
+                   "chosen on dev, docs/equalise.md)")
+    p.add_argument("--penalty", choices=("diag", "block"), default=None,
+                   help="closed form, entries: the retention metric of the ridge (default diag; block: C within each row)")
+    p.add_argument("--n-iter", type=int, default=None,
+                   help="closed form: re-linearisations (default 1 for a whole matrix, 3 for entries)")
     p.add_argument("--no-hint-rows", action="store_true",
-                   help="--method equalise: do not keep the hinted GenHintEval prompts' log-odds (UB)")
+                   help="closed form: do not keep the hinted GenHintEval prompts' log-odds (UB)")
     p.add_argument("--bias", choices=EDITOR_BIASES, default=None,
                    help="--method editor: the StereoSet bias type edited (default gender)")
     p.add_argument("--layers", default=None, metavar="L,L,...",
@@ -133,8 +145,33 @@ def _add_method_args(p: argparse.ArgumentParser, modes: tuple[str, ...], hint_lo
                    "unedited next-token distributions)")
 
 
+def _add_contrastive_args(p: argparse.ArgumentParser, modes: tuple[str, ...]) -> None:
+    """``--method contrastive`` flags (docs/contrastive.md; refused for the other methods)."""
+    p.add_argument("--contrastive-mode", choices=modes, default=None,
+                   help="contrastive: interpolate (default), extrapolate, prune or mask_switch")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="contrastive: theta + alpha (r - s); interpolate 0..1 (default 1), extrapolate > 1 or < 0")
+    p.add_argument("--localisation", choices=("mask_diff", "value_diff"), default=None,
+                   help="contrastive: entries where the references' IMP masks differ (default) or largest |w_stereo - w_anti|")
+    p.add_argument("--contrastive-k", type=int, default=None,
+                   help="contrastive value_diff: entries edited (default: the mask-difference size)")
+    p.add_argument("--reference-side", choices=("anti", "stereo", "neutral"), default=None,
+                   help="contrastive: the reference the target moves toward for alpha > 0 (default anti)")
+    p.add_argument("--no-transfer", action="store_true",
+                   help="contrastive: move toward the reference's values (theta + alpha (r - theta)) instead of "
+                   "adding the stereo -> anti update (theta + alpha (r - s))")
+    p.add_argument("--random-control", action="store_true",
+                   help="contrastive: edit as many random entries per matrix instead of the located ones (the control)")
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="contrastive: load trained references from DIR (references.json + <side>.safetensors) instead of training")
+    p.add_argument("--reference-steps", type=int, default=None, help="contrastive: reference fine-tuning steps (default 96)")
+    p.add_argument("--imp-rounds", type=int, default=None, help="contrastive: iterative magnitude pruning rounds (default 2)")
+    p.add_argument("--prune-rate", type=float, default=None, help="contrastive: share of remaining weights pruned per round (default 0.2)")
+    p.add_argument("--retrain-steps", type=int, default=None, help="contrastive: retraining steps per IMP round (default 64)")
+
+
 METHODS = ("msme", "lftf", "mask", "contrastive", "fpft", "prompt", "dama", "equalise", "editor")
-MASKLESS_METHODS = ("fpft", "prompt", "dama", "editor")  # = edit.methods.MASKLESS (not imported: --help loads no torch)
+MASKLESS_METHODS = ("fpft", "prompt", "dama", "editor", "contrastive")  # = edit.methods.MASKLESS (not imported: --help loads no torch)
 EDITOR_BIASES = ("gender", "race", "religion")  # = edit.methods.EDITOR_BIASES (not imported: --help loads no torch)
 #: --method editor flags -> EditorMethod fields (``--batch-size`` is the paper's batch size: requests per shift)
 EDITOR_FLAGS = {"bias": "bias", "editor": "editor_dir", "meta_lr": "meta_lr", "loc_coef": "loc_coef",
@@ -142,7 +179,7 @@ EDITOR_FLAGS = {"bias": "bias", "editor": "editor_dir", "meta_lr": "meta_lr", "l
                 "editor_loss": "loss", "retention_loss": "retention", "shift_scale": "shift_scale"}
 #: --method editor flags that configure training (refused with a loaded --editor)
 EDITOR_TRAINING = ("layers", "meta_lr", "loc_coef", "max_minutes", "lr", "epochs", "editor_loss", "retention_loss")
-EQUALISE_FLAGS = {"gamma": "gamma", "ridge": "ridge", "n_iter": "n_iter"}
+EQUALISE_FLAGS = {"gamma": "gamma", "ridge": "ridge", "n_iter": "n_iter", "penalty": "penalty"}
 DAMA_FLAGS = {"null_dim": "null_dim", "dama_layers": "n_layers", "dama_update": "update", "max_requests": "max_requests"}
 #: CLI flag -> field of the method variant (flags left at None keep the variant's own default)
 TRAINING_FLAGS = {"loss": "loss", "lr": "lr", "epochs": "epochs", "max_steps": "max_steps", "eval_every": "eval_every",
@@ -150,7 +187,11 @@ TRAINING_FLAGS = {"loss": "loss", "lr": "lr", "epochs": "epochs", "max_steps": "
                   "retention_limit": "retention_limit", "retention_threshold": "retention_threshold",
                   "dev_metric": "dev_metric", "mass_weight": "mass_weight", "mass_floor": "mass_floor"}
 HINT_FLAGS = {"hint_weight": "weight", "hint_loss": "loss", "ub_tolerance": "ub_tolerance"}
-CONTRASTIVE_FLAGS = {"contrastive_mode": "mode", "alpha": "alpha", "contrastive_k": "k"}
+CONTRASTIVE_FLAGS = {"contrastive_mode": "mode", "alpha": "alpha", "contrastive_k": "k", "localisation": "localisation",
+                     "reference_side": "reference", "reference": "reference_dir"}
+#: contrastive reference-training flags -> ReferenceConfig fields (refused with a loaded --reference)
+REFERENCE_FLAGS = {"reference_steps": "steps", "imp_rounds": "rounds", "prune_rate": "rate", "retrain_steps": "retrain_steps",
+                   "lr": "lr"}
 
 
 def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict:
@@ -165,7 +206,7 @@ def _refuse(args: argparse.Namespace, flags, method: str, applies: str) -> None:
 
 def _method(args: argparse.Namespace):
     """The method variant of the flags (:mod:`bias_lens.edit.methods`; their defaults apply)."""
-    from ..edit.methods import Contrastive, Dama, Equalise, Finetune, FullFinetune, HintAnchor, Masking, Prompt
+    from ..edit.methods import Dama, Equalise, Finetune, FullFinetune, HintAnchor, Masking, Prompt
 
     m = args.method
     if m not in ("msme", "lftf"):
@@ -173,17 +214,27 @@ def _method(args: argparse.Namespace):
     if m != "mask":
         _refuse(args, ["mask_scale"], m, "--method mask")
     if m != "contrastive":
-        _refuse(args, CONTRASTIVE_FLAGS, m, "--method contrastive")
+        _refuse(args, [*CONTRASTIVE_FLAGS, *(f for f in REFERENCE_FLAGS if f != "lr"), "no_transfer", "random_control"], m,
+                "--method contrastive")
     if m != "dama":
         _refuse(args, DAMA_FLAGS, m, "--method dama")
-    if m != "equalise":
-        _refuse(args, [*EQUALISE_FLAGS, "no_hint_rows"], m, "--method equalise")
+    if m != "msme":
+        _refuse(args, ["solver"], m, "--method msme")
+    closed = _closed_form(args)
+    if not closed:
+        _refuse(args, [*EQUALISE_FLAGS, "no_hint_rows"], m, "--method equalise and --method msme's closed-form solver")
     if m != "editor":
         _refuse(args, ["bias", "editor", "shift_scale", *(f for f in EDITOR_TRAINING if f not in ("lr", "epochs"))], m,
                 "--method editor")
     else:
         return _editor_method(args)
     training = _given(args, TRAINING_FLAGS)
+    if closed:
+        _refuse(args, [*(f for f in TRAINING_FLAGS if f not in ("retention_limit", "batch_size")), "hint_anchor",
+                       *HINT_FLAGS], f"{m} (closed form)",
+                "--method msme --solver finetune" if m == "msme" else "the fine-tuning methods (msme, lftf, fpft)")
+        return Equalise(**_given(args, EQUALISE_FLAGS), keep_hint=not args.no_hint_rows,
+                        **({"retention_limit": args.retention_limit} if args.retention_limit else {}))
     if m in ("msme", "lftf"):
         hint = HintAnchor(**_given(args, HINT_FLAGS)) if args.hint_anchor else None
         if not args.hint_anchor:
@@ -192,16 +243,47 @@ def _method(args: argparse.Namespace):
     if m == "fpft":
         return FullFinetune(**training)
     if m == "contrastive":
-        return Contrastive(reference=Finetune(**{"loss": "msme_align", **training}), **_given(args, CONTRASTIVE_FLAGS))
+        return _contrastive_method(args)
     # --retention-limit and --batch-size also size the before/after measurement
     _refuse(args, [f for f in TRAINING_FLAGS if f not in ("retention_limit", "batch_size")], m,
             "the fine-tuning methods (msme, lftf, fpft, contrastive)")
     if m == "dama":
         return Dama(**_given(args, DAMA_FLAGS))
-    if m == "equalise":
-        return Equalise(**_given(args, EQUALISE_FLAGS), keep_hint=not args.no_hint_rows,
-                        **({"retention_limit": args.retention_limit} if args.retention_limit else {}))
     return Masking(args.mask_scale if args.mask_scale is not None else 0.0) if m == "mask" else Prompt()
+
+
+def _contrastive_method(args: argparse.Namespace):
+    """The contrastive variant of the flags (a loaded ``--reference`` refuses the training flags)."""
+    from ..edit.imp import ReferenceConfig
+    from ..edit.methods import Contrastive
+
+    _refuse(args, [f for f in TRAINING_FLAGS if f not in ("retention_limit", "batch_size", "lr")], "contrastive",
+            "the fine-tuning methods (msme, lftf, fpft)")
+    training = _given(args, REFERENCE_FLAGS)
+    if args.reference is not None:
+        if not (Path(args.reference) / "references.json").is_file():
+            raise UsageError(f"--reference {args.reference} holds no saved references (needs references.json); "
+                             "pass a folder written by a contrastive run (its record's reference_dir)")
+        if training:
+            flags = ", ".join(f"--{f.replace('_', '-')}" for f in REFERENCE_FLAGS if getattr(args, f) is not None)
+            raise UsageError(f"{flags} configure reference training; a loaded --reference is already trained")
+    return Contrastive(**_given(args, CONTRASTIVE_FLAGS), transfer=not args.no_transfer, control=args.random_control,
+                       training=ReferenceConfig(**training))
+
+
+def _check_reference(lm, plan) -> None:
+    """A loaded ``--reference`` must hold this model's block matrices (names, shapes, dtypes) and every
+    side the variant uses."""
+    from ..edit.references import References
+
+    try:
+        meta = References.check(plan.method.reference_dir, lm)
+    except ValueError as err:
+        raise UsageError(f"--reference: {err}") from err
+    missing = [s for s in plan.method.sides if s not in meta.get("sides", [])]
+    if missing:
+        raise UsageError(f"--reference {plan.method.reference_dir} has no {', '.join(missing)} reference "
+                         f"(it holds {', '.join(meta.get('sides', []))}); drop --reference to train them")
 
 
 def _editor_method(args: argparse.Namespace):
@@ -240,31 +322,60 @@ def _check_editor(lm, plan) -> None:
             raise UsageError(f"--editor: {err}") from err
 
 
+#: how ``--method msme`` solves its objective (``closed-form`` is the default)
+SOLVERS = ("closed-form", "finetune")
+
+
+#: where ``--method msme`` solves in closed form by default: one located matrix (flat nesting)
+CLOSED_FORM_SCALES = ("module", "row", "neuron")
+
+
+def _closed_form(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for the closed-form equalising solve: ``--method equalise``, or ``--method
+    msme`` with ``--solver closed-form`` or, by default, at a scale that locates one matrix (module,
+    row, neuron; flat nesting). Elsewhere (layer, attribution, MSME nesting) msme fine-tunes."""
+    if args.method != "msme" or args.solver is not None:
+        return args.method == "equalise" or args.solver == "closed-form"
+    return args.scale in CLOSED_FORM_SCALES and args.nesting in (None, "flat")
+
+
 def _plan(args: argparse.Namespace):
     from ..pipeline.plan import EditPlan, Where
 
     if args.nesting is not None and (args.method in MASKLESS_METHODS or args.scale == "attribution"):
         what = f"--method {args.method}" if args.method in MASKLESS_METHODS else f"--scale {args.scale}"
         raise UsageError(f"--nesting applies to the located module, row and neuron scales, not to {what}")
+    if args.pick != "top" and args.scale is None:
+        raise UsageError(f"--pick {args.pick} picks a located place; give --scale (layer, module, row or neuron)")
     try:
         where = None
         if args.scale is not None:
             where = Where(args.scale, args.k, neuron_params=args.neuron_params, drop=args.drop,
-                          general_filter=not args.no_general_filter, nesting=args.nesting or "flat")
-        return EditPlan(_method(args), where, suite=args.suite, n_samples=args.n_samples, seed=args.seed)
+                          general_filter=not args.no_general_filter, nesting=args.nesting or "flat", pick=args.pick)
+        closed = _closed_form(args)
+        n = args.n_samples if args.n_samples is not None else (None if closed else 256)
+        name = f"msme ({args.scale}, closed form)" if closed and args.method == "msme" and args.scale else None
+        return EditPlan(_method(args), where, suite=args.suite, n_samples=n, seed=args.seed, name=name)
     except ValueError as err:
         raise UsageError(str(err)) from err
 
 
-def _limits(args: argparse.Namespace) -> dict[str, int | None]:
+#: MMLU is measured by default only where its longest 0-shot prompt (1,041 SmolLM2 tokens) fits
+MMLU_MIN_POSITIONS = 2048
+
+
+def _limits(args: argparse.Namespace, lm=None) -> dict[str, int | None]:
     """What ``bias-lens edit`` measures before/after: the edit suite, GenHintEval (UB), retention."""
     limits = {args.suite: args.limit, "genhinteval": args.ub_limit or args.limit,
               "retention": args.retention_limit or None}
     if args.method == "editor":  # BiasEdit is measured on StereoSet (its bias type), CrowS-Pairs and capability
         limits.update({"stereoset" if (args.bias or "gender") == "gender" else f"stereoset_{args.bias}": None,
                        "crows-pairs": None})
-    mmlu = args.mmlu_limit if args.mmlu_limit is not None else (1 if args.method == "editor" else 0)
-    arith = args.arithmetic_limit if args.arithmetic_limit is not None else (150 if args.method == "editor" else 0)
+    # capability is part of "nothing else broke" for every method (the export guards read it); by default MMLU
+    # only where its longest prompt fits (--mmlu-limit asks for it anyway, and a too-short context is one error)
+    fits = lm is None or getattr(lm.hf.config, "max_position_embeddings", MMLU_MIN_POSITIONS) >= MMLU_MIN_POSITIONS
+    mmlu = args.mmlu_limit if args.mmlu_limit is not None else (1 if fits else 0)
+    arith = args.arithmetic_limit if args.arithmetic_limit is not None else 150
     limits.update({k: v for k, v in (("mmlu", mmlu), ("arithmetic", arith)) if v > 0})
     return limits
 
@@ -347,9 +458,11 @@ def run(args: argparse.Namespace) -> int:
     lm = model_from_args(args)
     if plan.method.kind == "editor":
         _check_editor(lm, plan)
+    if plan.method.kind == "contrastive" and plan.method.reference_dir is not None:
+        _check_reference(lm, plan)
     measure_batch = 32 if plan.method.kind == "editor" else args.batch_size or 32
     try:
-        edit_run = apply_plan(lm, plan, result, limits=_limits(args), batch_size=measure_batch)
+        edit_run = apply_plan(lm, plan, result, limits=_limits(args, lm), batch_size=measure_batch)
     except RuntimeError as err:
         raise UsageError(str(err)) from err
     rec = edit_run.record
@@ -372,6 +485,7 @@ def _report(args: argparse.Namespace, plan, rec, out: str | None, failed: str | 
         payload = {**rec.to_dict(), "method": plan.method.name, "scale": plan.scale, "n_params_edited": rec.n_changed,
                    "mask_size": rec.cost_p, "after": rec.metrics, "out": out,
                    "status": "unchanged" if failed else rec.info.get("status"),
+                   "solver": "closed-form" if _closed_form(args) else "finetune" if args.method in ("msme", "lftf") else None,
                    "finetune_status": rec.info.get("status"), "reason": failed, "locate": rec.labels[:20]}
         json.dump(payload, sys.stdout)
         sys.stdout.write("\n")

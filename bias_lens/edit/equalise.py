@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..prefix_cache import PrefixCache, first_edited_layer, record, replay
 from .edits import Edit, layouts
 from .masks import ParamMask
 
@@ -48,12 +50,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: the ridge of each mask layout when none is given, chosen on dev (scripts/closed_form_sweep.py,
+#: docs/equalise.md): the lowest dev AFGB-r within half of each guard's margin (perplexity <= +2.5%,
+#: mass >= 0.95 x, UB >= -0.025), training on the whole GenBiasEval train split
+DEFAULT_RIDGE = {"dense": 0.01, "entries": 0.3}
+
+
 @dataclass(frozen=True)
 class EqualiseConfig:
     """Options of :func:`equalise_edit` (defaults: the dev-chosen setting, docs/equalise.md)."""
 
     gamma: float = 1.0  # share of each train prompt's he/she log-odds to remove (1: equal shares)
-    ridge: float = 0.03  # lambda / mean(diag A), chosen on dev (docs/equalise.md): larger = a smaller edit
+    #: lambda / mean(diag A): larger = a smaller edit; None: :data:`DEFAULT_RIDGE` of the mask's layout
+    #: (whole matrix or a subset of its entries), chosen on dev (docs/equalise.md)
+    ridge: float | None = None
+    #: entry subsets: the penalty's metric, ``"diag"`` (diag C) or ``"block"`` (C within each output row)
+    penalty: str = "diag"
     cov_reg: float = 1e-2  # C + cov_reg x mean(diag C) I before inverting
     keep_mass: bool = True  # rows keeping log(p_he + p_she) of every train prompt
     keep_hint: bool = True  # rows keeping the hinted prompts' log-odds (UB)
@@ -66,10 +78,16 @@ class EqualiseConfig:
     def __post_init__(self) -> None:
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
-        if not self.ridge > 0 or self.cov_reg < 0:
+        if (self.ridge is not None and not self.ridge > 0) or self.cov_reg < 0:
             raise ValueError(f"ridge must be > 0 and cov-reg >= 0, got {self.ridge}, {self.cov_reg}")
+        if self.penalty not in ("diag", "block"):
+            raise ValueError(f"penalty must be 'diag' or 'block', got {self.penalty!r}")
         if (self.n_iter is not None and self.n_iter < 1) or self.retention_limit < 1 or self.batch_size < 1:
             raise ValueError("n-iter, retention-limit and batch-size must be >= 1")
+
+    def ridge_for(self, dense: bool) -> float:
+        """The ridge used for a whole matrix (``dense``) or a subset of its entries."""
+        return self.ridge if self.ridge is not None else DEFAULT_RIDGE["dense" if dense else "entries"]
 
 
 @dataclass
@@ -176,14 +194,25 @@ def solve_dense(u: Tensor, k: Tensor, t: Tensor, c_inv: Tensor, ridge: float) ->
     return (u.T * beta) @ ck
 
 
-def solve_entries(u: Tensor, k: Tensor, t: Tensor, rows: Tensor, cols: Tensor, c_diag: Tensor,
-                  ridge: float) -> Float[Tensor, " entries"]:
-    """Solution over the entries ``(rows[e], cols[e])`` only, regularised by ``diag(C)``."""
+def solve_entries(u: Tensor, k: Tensor, t: Tensor, rows: Tensor, cols: Tensor, c: Float[Tensor, "d_in d_in"],
+                  ridge: float, penalty: str = "diag") -> Float[Tensor, " entries"]:
+    """Solution over the entries ``(rows[e], cols[e])`` only: ``min |X delta - t|^2 + lambda delta^T B delta``
+    with ``X_je = u_j[r_e] k_j[c_e]`` and ``B`` the ``diag(C)`` of the entries' columns (``"diag"``) or
+    (``"block"``) ``C`` restricted to each output row's own columns: the exact change of the module's
+    output on the retention tokens, ``sum_t |dW k_t|^2``, when only these entries move."""
     x = u[:, rows] * k[:, cols]  # [n, entries]
-    dinv = 1.0 / c_diag[cols]
-    a = (x * dinv) @ x.T
+    if penalty == "diag":
+        binv_xt = (x / c.diagonal()[cols]).T
+    elif penalty == "block":
+        binv_xt = torch.empty_like(x.T)
+        for r in rows.unique():
+            sel = (rows == r).nonzero().squeeze(1)
+            binv_xt[sel] = torch.linalg.solve(c[cols[sel]][:, cols[sel]], x[:, sel].T)
+    else:
+        raise ValueError(f"penalty must be 'diag' or 'block', got {penalty!r}")
+    a = x @ binv_xt
     lam = ridge * float(a.diagonal().mean())
-    return dinv * (x.T @ torch.linalg.solve(a + lam * torch.eye(len(a), dtype=a.dtype), t))
+    return binv_xt @ torch.linalg.solve(a + lam * torch.eye(len(a), dtype=a.dtype), t)
 
 
 def _entry_coords(idx: Tensor, shape: tuple[int, int], transposed: bool) -> tuple[Tensor, Tensor]:
@@ -249,22 +278,32 @@ def _problem(lm, mask: ParamMask, train, hint, retention, cfg: EqualiseConfig) -
                     out_in)
 
 
-def _solve(lm, pb: _Problem, cfg: EqualiseConfig, n_iter: int) -> Float[Tensor, " entries"]:
-    """The change of ``pb``'s entries (float64) after ``n_iter`` linearise-and-solve rounds."""
+def _solve(lm, pb: _Problem, cfg: EqualiseConfig, n_iter: int,
+           rows_out: list | None = None) -> Float[Tensor, " entries"]:
+    """The change of ``pb``'s entries (float64) after ``n_iter`` linearise-and-solve rounds
+    (``rows_out``: receives the first round's constraint rows ``(u, k, t)``)."""
     c = pb.moment + cfg.cov_reg * float(pb.moment.diagonal().mean()) * torch.eye(len(pb.moment), dtype=pb.moment.dtype)
     c_inv = torch.linalg.inv(c) if pb.dense else None
     ones = pb.bias is not None
     lin = lambda: [linearise(lm, pb.module, p, pb.tid, cfg.batch_size, ones) if p else None for p in pb.sets]  # noqa: E731
-    ref, base = lin(), pb.base()
+    # the blocks before the edited one never change: later linearisations replay their output
+    block = first_edited_layer(lm, [pb.name])
+    prefix = PrefixCache((block,)) if n_iter > 1 and block else None
+    with record(lm, prefix) if prefix else nullcontext():
+        ref = lin()
+    base = pb.base()
     delta = torch.zeros_like(base)
     for it in range(n_iter):
         cur = ref
         if it:  # re-linearise at the edited weights
-            with pb.edit(lm, base + delta).applied(lm.hf):
+            with pb.edit(lm, base + delta).applied(lm.hf), replay(lm, prefix, block) if prefix else nullcontext():
                 cur = lin()
         u, k, t = _rows(cur, ref, cfg)
-        step = (solve_dense(u, k, t, c_inv, cfg.ridge)[pb.rows, pb.cols] if pb.dense
-                else solve_entries(u, k, t, pb.rows, pb.cols, c.diagonal(), cfg.ridge))
+        if rows_out is not None and not it:
+            rows_out.append((u, k, t))
+        ridge = cfg.ridge_for(pb.dense)
+        step = (solve_dense(u, k, t, c_inv, ridge)[pb.rows, pb.cols] if pb.dense
+                else solve_entries(u, k, t, pb.rows, pb.cols, c, ridge, cfg.penalty))
         if not torch.isfinite(step).all():
             raise RuntimeError(f"the equalise solve gave non-finite values at iteration {it}; the model is unchanged "
                                "(raise --ridge)")
@@ -292,25 +331,49 @@ def equalise_edit(lm: LensModel, mask: ParamMask, train: Sequence[dict], *, hint
 
 def solution_entries(lm: LensModel, module: str, train: Sequence[dict], *, k: int = 4096,
                      hint: Sequence[dict] | None = None, retention: Sequence[str] | None = None,
-                     config: EqualiseConfig | None = None) -> LocateResult:
+                     config: EqualiseConfig | None = None, pick: str = "top", seed: int = 0,
+                     share: str = "train") -> LocateResult:
     """Locate ``k`` entries of ``module`` (e.g. ``L29.mlp.down``) for an entry-scale equalise edit: the
-    whole-matrix solution ``dW`` (one linear step, float64) scored by each entry's first-order share
-    ``|dW[r, c]| x rms(k_c)`` (``rms`` over the retention tokens). Labels ``{module}/row{r}/col{c}``
-    (``r`` output, ``c`` input, as masks read them in any stored layout). On SmolLM2 these entries
-    keep the mass where MSME's Eq. 5 entries (a few huge-activation input columns) do not
-    (docs/equalise.md)."""
+    whole-matrix solution ``dW`` (one linear step, float64), each entry scored by its share of it.
+    ``share="train"`` (default): the entry's share of the solution's effect on its own constraints,
+    ``|dW[r, c]| x sqrt(mean_j (u_j[r] k_j[c])^2)`` over the constraint rows ``j`` (the entries that do
+    the equalising); ``"retention"``: ``|dW[r, c]| x rms(k_c)`` over the retention tokens (the
+    earlier reading: the entries whose change moves ordinary text most). Labels ``{module}/row{r}/col{c}``
+    (``r`` output, ``c`` input, as masks read them in any stored layout). ``pick``: the ``k`` top
+    entries, or the controls: the ``k`` lowest-ranked (``lowest``, lowest first), from the middle
+    or ``k`` seeded random entries (``random``) of the same matrix."""
     from ..locate.result import LocateResult
     from .masks import mask_from_labels
 
     cfg = config or EqualiseConfig()
+    if share not in ("train", "retention"):
+        raise ValueError(f"share must be 'train' or 'retention', got {share!r}")
     pb = _problem(lm, mask_from_labels(lm.hf, [module]), train, hint, retention, cfg)
-    delta = _solve(lm, pb, cfg, 1)
+    rows: list = []
+    delta = _solve(lm, pb, cfg, 1, rows_out=rows)
     out_in = pb.out_in
     dw = torch.zeros(out_in[0], out_in[1] + (pb.bias is not None), dtype=torch.float64)
     dw[pb.rows, pb.cols] = delta  # [out, in (+ bias)]
-    score = (dw.abs() * pb.moment.diagonal().clamp_min(0).sqrt()[None, :])[:, :out_in[1]]  # weight entries only
-    top = score.reshape(-1).topk(min(k, score.numel()))
-    r, c = top.indices // score.shape[1], top.indices % score.shape[1]
+    if share == "train":
+        u, kk, _ = rows[0]
+        size = ((u.pow(2).T @ kk.pow(2)) / len(u)).sqrt()  # rms over the constraint rows of u_j[r] k_j[c]
+    else:
+        size = pb.moment.diagonal().clamp_min(0).sqrt()[None, :]
+    score = (dw.abs() * size)[:, :out_in[1]]  # weight entries only
+    flat, k = score.reshape(-1), min(k, score.numel())
+    if pick == "random":
+        idx = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:k]
+    elif pick in ("top", "lowest"):
+        idx = flat.topk(k, largest=pick == "top").indices
+    elif pick == "middle":
+        idx = flat.argsort(descending=True, stable=True)[flat.numel() // 2:][:k]
+    else:
+        raise ValueError(f"pick must be one of top, middle, lowest, random, got {pick!r}")
+    r, c = idx // score.shape[1], idx % score.shape[1]
     labels = [f"{module}/row{int(a)}/col{int(b)}" for a, b in zip(r, c)]
-    return LocateResult("equalise_entries", labels, top.values, variant="|dW| x rms(input), one linear step",
-                        extras={"module": module}, model=getattr(lm, "name", ""), n_samples=len(train))
+    # scores in pick order (a result ranks by descending score: the picked order is kept)
+    return LocateResult("equalise_entries", labels, torch.arange(k, 0, -1, dtype=torch.float64),
+                        variant=f"|dW| x rms({'u k over the constraints' if share == 'train' else 'retention input'}), "
+                                f"one linear step; pick={pick}",
+                        extras={"module": module, "share": flat[idx].tolist(), "share_of": share, "pick": pick},
+                        model=getattr(lm, "name", ""), n_samples=len(train))

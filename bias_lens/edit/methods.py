@@ -16,8 +16,8 @@ plus one function there.
 * :class:`FullFinetune` — the FPFT baseline: the same loop over every parameter.
 * :class:`Masking` — scale the located entries by ``factor`` (0 = zero them; the attribution scale
   masks the neurons' down-projection columns).
-* :class:`Contrastive` — a reference fine-tuned toward anti-stereotypical targets over the located
-  entries (``reference``), then the top-``k`` ``|θ_ref − θ|`` entries edited by ``mode``/``alpha``.
+* :class:`Contrastive` — local contrastive editing: stereotypical / anti-stereotypical references
+  trained on a CDA corpus and pruned by IMP, the entries where they differ edited by ``mode``/``alpha``.
 * :class:`Prompt` — the PB baseline: a debiasing prefix, no weights.
 * :class:`Equalise` — the closed-form equalising edit of one located matrix (kernel ridge on the
   linearised he/she log-odds, mass and hinted prompts kept).
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .equalise import EqualiseConfig
 from .finetune import SCALE_LR, FinetuneConfig
+from .imp import ReferenceConfig
 
 if TYPE_CHECKING:
     from .dama import DamaConfig
@@ -154,25 +155,55 @@ class Masking:
 
 @dataclass(frozen=True)
 class Contrastive:
-    """Reference toward anti-stereotypical targets, then the top-``k`` differing entries edited."""
+    """Local contrastive editing (Lutz et al. 2024; :mod:`bias_lens.edit.contrastive`, docs/contrastive.md).
+
+    Stereotypical and anti-stereotypical references trained on the CDA corpus and pruned by IMP
+    (``training``; loaded from ``reference_dir`` when given), the weights where their subnetworks
+    differ (``localisation``: ``mask_diff`` or the ``k`` largest ``value_diff``; ``k`` None = the
+    mask-difference size), then the target's entries moved by ``mode``/``alpha`` toward the
+    ``reference`` side (``transfer``: by the update from the other side, ``θ + α (r − s)``; else
+    ``θ + α (r − θ)``). ``control``: the same number of random entries per matrix, edited the same
+    way. The search space is every block weight matrix (the localisation is the method's own: no
+    located mask)."""
 
     kind: ClassVar[str] = "contrastive"
     name: ClassVar[str] = "contrastive"
     mode: str = "interpolate"
     alpha: float = 1.0
-    k: int = 5000
-    reference: Finetune = field(default_factory=lambda: Finetune(loss="msme_align"))
+    localisation: str = "mask_diff"
+    k: int | None = None
+    reference: str = "anti"
+    transfer: bool = True
+    control: bool = False
+    reference_dir: str | None = None
+    training: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self) -> None:
-        from .contrastive import MODES
+        from .contrastive import LOCALISATIONS, check_alpha
+        from .references import SIDES
 
+        if isinstance(self.training, dict):
+            object.__setattr__(self, "training", ReferenceConfig(**self.training))
         _positive(self, "k")
-        if self.mode not in MODES:
-            raise ValueError(f"contrastive mode must be one of {', '.join(MODES)}")
-        if self.mode == "mask_switch":
-            raise ValueError("mask_switch needs pruning masks; use the library's contrastive.mask_diff_mask")
-        if self.mode == "interpolate" and not 0 <= self.alpha <= 1:
-            raise ValueError(f"interpolation needs 0 <= alpha <= 1 (got {self.alpha}); use --contrastive-mode extrapolate")
+        check_alpha(self.mode, self.alpha)
+        if self.localisation not in LOCALISATIONS:
+            raise ValueError(f"localisation must be one of {', '.join(LOCALISATIONS)}, got {self.localisation!r}")
+        if self.reference not in SIDES:
+            raise ValueError(f"reference must be one of {', '.join(SIDES)}, got {self.reference!r}")
+        if self.k is not None and self.localisation == "mask_diff":
+            raise ValueError("k sets the value_diff size; mask_diff edits every entry where the masks differ")
+
+    @property
+    def source(self) -> str | None:
+        """The side the transferred update starts from (``stereo``, or ``anti`` for a stereo reference)."""
+        if not self.transfer:
+            return None
+        return "anti" if self.reference == "stereo" else "stereo"
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        """The references this variant needs trained."""
+        return tuple(dict.fromkeys(("stereo", "anti", self.reference)))
 
 
 @dataclass(frozen=True)
@@ -237,7 +268,8 @@ class Equalise:
     name: ClassVar[str] = "equalise"
     # defaults are EqualiseConfig's (defined once there)
     gamma: float = EqualiseConfig.gamma
-    ridge: float = EqualiseConfig.ridge
+    ridge: float | None = EqualiseConfig.ridge
+    penalty: str = EqualiseConfig.penalty
     cov_reg: float = EqualiseConfig.cov_reg
     keep_mass: bool = EqualiseConfig.keep_mass
     keep_hint: bool = EqualiseConfig.keep_hint
@@ -249,7 +281,8 @@ class Equalise:
 
     def config(self) -> EqualiseConfig:
         """The :class:`~bias_lens.edit.equalise.EqualiseConfig` of this variant."""
-        return EqualiseConfig(gamma=self.gamma, ridge=self.ridge, cov_reg=self.cov_reg, keep_mass=self.keep_mass,
+        return EqualiseConfig(gamma=self.gamma, ridge=self.ridge, penalty=self.penalty, cov_reg=self.cov_reg,
+                              keep_mass=self.keep_mass,
                               keep_hint=self.keep_hint, n_iter=self.n_iter, retention_limit=self.retention_limit)
 
 
@@ -312,7 +345,7 @@ Method = Finetune | FullFinetune | Masking | Contrastive | Prompt | Dama | Equal
 VARIANTS: dict[str, type] = {c.kind: c for c in (Finetune, FullFinetune, Masking, Contrastive, Prompt, Dama, Equalise,
                                                  EditorMethod)}
 #: methods whose edit does not use a located mask
-MASKLESS = ("fpft", "prompt", "dama", "editor")
+MASKLESS = ("fpft", "prompt", "dama", "editor", "contrastive")
 
 
 def method_to_dict(m: Any) -> dict[str, Any]:
@@ -335,8 +368,6 @@ def method_from_dict(d: dict[str, Any]) -> Any:
         d["hint"] = HintAnchor(**d["hint"])
     if isinstance(d.get("layers"), list):
         d["layers"] = tuple(d["layers"])
-    if isinstance(d.get("reference"), dict):
-        d["reference"] = Finetune(**d["reference"])
     return cls(**d)
 
 
@@ -344,6 +375,7 @@ def with_training(m: Any, **overrides: Any) -> Any:
     """``m`` with fine-tuning fields replaced (the variant itself, or a contrastive reference)."""
     if isinstance(m, Finetune):
         return replace(m, **overrides)
-    if isinstance(m, Contrastive):
-        return replace(m, reference=replace(m.reference, **overrides))
+    if isinstance(m, Contrastive) and overrides.get("max_steps") is not None:  # caps the reference training
+        cap, t = overrides["max_steps"], m.training
+        return replace(m, training=replace(t, steps=min(t.steps, cap), retrain_steps=min(t.retrain_steps, cap)))
     return m

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..edit.methods import Contrastive, Dama, EditorMethod, Equalise, Finetune, FullFinetune, HintAnchor, Masking, Prompt
+from ..edit.methods import Contrastive, Dama, EditorMethod, Equalise, Finetune, FullFinetune, Masking, Prompt
 from .plan import EditPlan, Where, finetune_plan
 
 #: bump when a stage's output format or meaning changes (invalidates every cached run)
@@ -38,7 +38,10 @@ EDITOR_ROW: dict[str, Any] = {"bias": "gender", "max_minutes": 5.0}
 
 
 def full_rows(t: dict[str, Any] = FULL_TRAINING) -> tuple[EditPlan, ...]:
-    """The report's rows (the papers' table layout) with training settings ``t``."""
+    """The report's rows (the papers' table layout) with training settings ``t``: the baselines, the
+    papers' literal rows, the other methods, MSME's stated objective in closed form (3 seeds, the
+    ``bias-lens edit --method msme`` default), its controls, the template-held-out row, and LFTF's
+    rank sweep and ablations (docs/lftf.md)."""
     return (
         # FPFT: with a check once per epoch (4 Adam steps at lr 1e-5) perplexity was already past the +5%
         # guard and the edit rolled back to nothing (docs/edit.md), so it is checked every 2 steps as in the sweep
@@ -46,26 +49,52 @@ def full_rows(t: dict[str, Any] = FULL_TRAINING) -> tuple[EditPlan, ...]:
         EditPlan(Prompt(), name="PB"),
         *(finetune_plan(paper, scale, f"{scale} ({paper.upper()})", **t)
           for scale in ("layer", "module", "row", "neuron") for paper in ("msme", "lftf")),
-        # the UB-anchored settings measured best in docs/edit_hint.md (issue 5's UB criterion)
-        EditPlan(Finetune(loss="gap", hint=HintAnchor(loss="ub_drop"), lr=2e-4, epochs=3, eval_every=1, **t),
-                 Where("module"), name="module (gap + UB anchor)"),
-        EditPlan(Finetune(hint=HintAnchor(loss="hinted_drop"), epochs=3, eval_every=1, **t), Where("neuron"),
-                 name="neuron (MSME + UB anchor)"),
         EditPlan(Masking(), Where("attribution"), name="attribution masking"),
-        EditPlan(Contrastive(reference=Finetune(loss="msme_align", **t)), Where("module"), name="contrastive"),
-        # issue 14, equalising: MSME's renormalised reading KL(f || q) + the mass-keeping term, early stopping on
-        # dev AFGB-r with the mass guard (dev, module: AFGB-r 0.246 -> 0.231 in 12 steps, mass kept; docs/edit.md)
-        *(EditPlan(Finetune(loss="msme_align", mass_weight=1.0, dev_metric="afgb_renorm", mass_floor=0.9, epochs=4,
-                            eval_every=1, **t), Where(scale), name=f"{scale} (equalise)") for scale in ("module", "neuron")),
+        EditPlan(Contrastive(), name="contrastive"),
+        # MSME's equal + non-zero objective by masked fine-tuning (its renormalised reading KL(f || q) + the
+        # mass-keeping term, early stopping on dev AFGB-r with the mass guard; docs/edit.md): beside the
+        # closed form of the same objective below
+        EditPlan(Finetune(loss="msme_align", mass_weight=1.0, dev_metric="afgb_renorm", mass_floor=0.9, epochs=4,
+                          eval_every=1, **t), Where("module"), name="module (MSME equalise, fine-tuned)"),
         EditPlan(Dama(**DAMA_ROW), name="DAMA"),
         EditPlan(EditorMethod(**EDITOR_ROW), name="BiasEdit editor"),
-        *EQUALISE_ROWS,
+        *CLOSED_FORM_ROWS, *CONTROL_ROWS, HELDOUT_ROW, *lftf_rows(t),
     )
 
 
-#: the closed-form equalising edit (edit/equalise.py; docs/equalise.md) of the located FFN down projection
-#: (module) and of its located 4,096 entries (neuron), trained on the run's train prompts + GenHintEval train
-EQUALISE_ROWS = tuple(EditPlan(Equalise(), Where(scale), name=f"{scale} (closed form)") for scale in ("module", "neuron"))
+#: repetitions of the closed-form rows (seed offsets: each draws its own train subsample)
+SEEDS = (0, 1, 2)
+
+
+def seed_name(name: str, seed: int) -> str:
+    """A repeated row's name: ``name`` for seed 0, ``name [seed s]`` otherwise (the report groups them)."""
+    return name if seed == 0 else f"{name} [seed {seed}]"
+
+
+#: MSME's stated objective (equal, non-zero he/she; hinted prompts kept) solved in closed form
+#: (edit/equalise.py; docs/equalise.md) at the located FFN down projection (module) and 4,096 of its
+#: entries (neuron): ``bias-lens edit --method msme``'s default solver; 3 seeded train subsamples
+CLOSED_FORM_ROWS = tuple(EditPlan(Equalise(), Where(scale), seed=s, name=seed_name(f"{scale} (MSME closed form)", s))
+                         for scale in ("module", "neuron") for s in SEEDS)
+#: does locating matter (issue 14 item 8): the same solve at the lowest-ranked and at a random place of
+#: each ranking (module: FFN down matrices of the module scan; neuron: entries of the located matrix)
+CONTROL_ROWS = tuple(EditPlan(Equalise(), Where(scale, pick=p), name=f"{scale} (MSME closed form), {p} control")
+                     for scale in ("module", "neuron") for p in ("lowest", "random"))
+#: the module row trained on 6 of GenBiasEval's 9 templates (``genbiaseval-heldout``): its ``afgb_renorm_heldout``
+#: column is measured on the 3 templates (and professions) it never saw
+HELDOUT_ROW = EditPlan(Equalise(), Where("module"), suite="genbiaseval-heldout",
+                       name="module (MSME closed form), 6 of 9 templates")
+def lftf_rows(t: dict[str, Any] = FULL_TRAINING) -> tuple[EditPlan, ...]:
+    """LFTF's rank sweep (BMI middle and last rank; the top block is the ``layer (LFTF)`` row) and its
+    ablations on the top block (docs/lftf.md), with training settings ``t``."""
+    return (
+        finetune_plan("lftf", "layer", "layer (LFTF), BMI middle rank", {"pick": "middle"}, **t),
+        finetune_plan("lftf", "layer", "layer (LFTF), BMI last rank", {"pick": "lowest"}, **t),
+        finetune_plan("lftf", "layer", "layer (LFTF) w/o attention", {"drop": "attention"}, **t),
+        finetune_plan("lftf", "layer", "layer (LFTF) w/o MLP", {"drop": "mlp"}, **t),
+        finetune_plan("lftf", "layer", "layer (LFTF) w/o he term", loss="lftf_no_he", **t),
+        finetune_plan("lftf", "layer", "layer (LFTF) w/o she term", loss="lftf_no_she", **t),
+    )
 
 
 def quick_rows(t: dict[str, Any] = QUICK_TRAINING) -> tuple[EditPlan, ...]:
@@ -73,7 +102,7 @@ def quick_rows(t: dict[str, Any] = QUICK_TRAINING) -> tuple[EditPlan, ...]:
     and (last) the closed-form module edit, which passes the export rule. Four, not more: every row
     costs one measurement (~20 s here), and the preset has to finish in 5 minutes."""
     return (EditPlan(Prompt(), name="PB"), finetune_plan("msme", "module", "module (MSME)", **t),
-            EditPlan(Masking(), Where("attribution"), name="attribution masking"), EQUALISE_ROWS[0])
+            EditPlan(Masking(), Where("attribution"), name="attribution masking"), CLOSED_FORM_ROWS[0])
 
 
 FULL_ROWS = full_rows()
@@ -103,9 +132,13 @@ class RunConfig:
     #: (sized so the full run stays under 30 minutes on 2 CPU cores: each of the 14 rows is measured)
     row_limits: dict[str, int | None] = field(default_factory=lambda: {
         "genbiaseval": 256, "genhinteval": 128, "genbiaspro-cg": 32, "stereoset": 96, "crows-pairs": 96,
-        "retention": 80, "mmlu": 1, "arithmetic": 150, "dama": None})
+        "retention": 80, "mmlu": 1, "arithmetic": 150, "dama": None, "genbiaseval-heldout": None})
     rows: tuple[EditPlan, ...] = FULL_ROWS  # training settings: FULL_TRAINING / QUICK_TRAINING
-    n_train: int = 128  # train samples of every row (its plan's n_samples; seed: ``seed``)
+    n_train: int = 128  # train samples of every fine-tuned row (its plan's n_samples; seed: ``seed``)
+    #: train samples of the closed-form rows (``None``: the whole train split, as ``bias-lens edit``). 768
+    #: of GenBiasEval's 1,026: each seed repetition solves from its own subsample (the solve is exact,
+    #: so the train sample is its only randomness), and more prompts generalise better (docs/equalise.md)
+    n_train_solve: int | None = 768
     #: module/row/neuron edits target the top module of these kinds. Default: the FFN output matrix.
     #: The scan's overall top single-matrix module on SmolLM2 is L26.attn.v (tied with o and the whole
     #: attention); the papers' losses on it barely moved AFGB in 8 steps (-2%, docs/edit.md), so the
@@ -122,6 +155,9 @@ class RunConfig:
     circuit_depth: int = 2
     seed: int = 0
     batch_size: int = 32
+    #: replay the unedited blocks before each row's first edited one while measuring it
+    #: (:mod:`bias_lens.prefix_cache`; the same numbers bit for bit, a fraction of the time)
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         from .locate_stage import WEIGHT_MODULES
@@ -138,11 +174,11 @@ class RunConfig:
     @classmethod
     def quick_preset(cls, **kw: Any) -> "RunConfig":
         """The few-minute ``--quick`` configuration (fewer samples, rows and checks), overridden by ``kw``."""
-        base = dict(quick=True, n_locate=24, eval_limits=dict(QUICK_EVAL), rows=QUICK_ROWS, n_train=64,
+        base = dict(quick=True, n_locate=24, eval_limits=dict(QUICK_EVAL), rows=QUICK_ROWS, n_train=64, n_train_solve=256,
                     module_final=False, bmi_robustness=False, causal_k=6, causal_candidates=8, n_causal_dev=16,
                     circuit_depth=1,
                     row_limits={"genbiaseval": 64, "genhinteval": 32, "genbiaspro-cg": 8, "stereoset": 16,
-                                "crows-pairs": 16, "retention": 24, "arithmetic": 40})
+                                "crows-pairs": 16, "retention": 24, "arithmetic": 40, "genbiaseval-heldout": 64})
         base.update(kw)
         return cls(**base)
 
@@ -153,10 +189,14 @@ class RunConfig:
         return d
 
     def plan(self, row: EditPlan) -> EditPlan:
-        """``row`` as this run trains it: ``n_train`` seeded samples of ``suite`` (and the ``max_steps`` cap)."""
+        """``row`` as this run trains it: ``n_train`` seeded samples (closed-form rows: ``n_train_solve``)
+        of ``suite`` (a row naming another suite, e.g. the held-out-template one, keeps it), seed
+        ``seed`` + the row's own (a row's seed offset is its repetition), and the ``max_steps`` cap."""
         from dataclasses import replace
 
-        plan = replace(row, suite=self.suite, n_samples=self.n_train, seed=self.seed)
+        n = self.n_train_solve if row.method.kind == "equalise" else self.n_train
+        suite = self.suite if row.suite == "genbiaseval" else row.suite
+        plan = replace(row, suite=suite, n_samples=n, seed=self.seed + row.seed)
         return plan.training(max_steps=self.max_steps) if self.max_steps is not None else plan
 
     def key(self, model_fingerprint: str) -> str:

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..edit.edits import Edit, EditHandle
 from ..edit.masks import ParamMask
-from ..edit.methods import Contrastive, Dama, EditorMethod, Equalise, Finetune, FullFinetune, Masking, Prompt
+from ..edit.methods import Contrastive, Dama, EditorMethod, Equalise, Finetune, FullFinetune, Masking, Prompt, method_to_dict
+from ..prefix_cache import PrefixCache, replaying
 from .measure import measure
-from .plan import EditPlan, layer_result_name
+from .plan import N_LOCATE, EditPlan, layer_result_name
 
 if TYPE_CHECKING:
     from ..lens import LensModel
@@ -70,24 +71,23 @@ class EditRun:
     artifacts: dict[str, Any] = field(default_factory=dict)  # e.g. the trained editor (``"editor"``)
 
 
+def _sample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
+    """A seeded sample of ``n`` rows (all of them when ``n`` is ``None`` or not smaller)."""
+    return random.Random(seed).sample(rows, n) if n is not None and n < len(rows) else rows
+
+
 def split_samples(plan: EditPlan) -> tuple[list[dict], list[dict]]:
-    """Seeded ``n_samples`` train samples and the dev split."""
+    """Seeded ``n_samples`` train samples (``None``: the whole split) and the dev split."""
     from ..benchmarks import load_split
 
-    train = load_split(plan.suite, "train")
-    if plan.n_samples < len(train):
-        train = random.Random(plan.seed).sample(train, plan.n_samples)
-    return train, load_split(plan.suite, "dev")
+    return _sample(load_split(plan.suite, "train"), plan.n_samples, plan.seed), load_split(plan.suite, "dev")
 
 
 def hint_samples(plan: EditPlan) -> tuple[list[dict], list[dict]]:
     """Seeded ``n_samples`` GenHintEval train samples (anchor) and the GenHintEval dev split (UB guard)."""
     from ..benchmarks import load_split
 
-    hint = load_split("genhinteval", "train")
-    if plan.n_samples < len(hint):
-        hint = random.Random(plan.seed).sample(hint, plan.n_samples)
-    return hint, load_split("genhinteval", "dev")
+    return _sample(load_split("genhinteval", "train"), plan.n_samples, plan.seed), load_split("genhinteval", "dev")
 
 
 def _attribution(lm, prompts: list[str], plan: EditPlan):
@@ -105,13 +105,18 @@ def _layers(lm, prompts, plan):
     return bmi(lm, prompts) if layer_result_name(plan) == "bmi" else layer_scale(lm, prompts)
 
 
+#: the edit's module scan scores the block-output effect only, as the main job's locate stage does
+#: (``bias-lens locate module`` adds the final-output effect at ~5x the cost)
+MODULE_FINAL = False
+
+
 def _modules(lm, prompts, plan):
     """The module scan; the closed-form equalise edit ranks only FFN down projections (its
     last-position linearisation is a single matrix's, docs/equalise.md)."""
     from ..locate.modules import module_scale
     from .locate_stage import restrict_modules
 
-    res = module_scale(lm, prompts)
+    res = module_scale(lm, prompts, final=MODULE_FINAL)
     return restrict_modules(res, ("mlp.down",)) if isinstance(plan.method, Equalise) else res
 
 
@@ -132,7 +137,7 @@ def _neurons(lm, prompts, plan, module: str | None = None):
     if isinstance(plan.method, Equalise):
         hint = hint_samples(plan)[0] if plan.method.keep_hint else None
         return solution_entries(lm, module, [{"prompt": p} for p in prompts], k=plan.where.k_eff, hint=hint,
-                                config=plan.method.config())
+                                config=plan.method.config(), pick=plan.where.pick, seed=plan.seed)
     return neuron_scale(lm, prompts, module, order=plan.where.row_order, keep=plan.where.row_keep)
 
 
@@ -141,7 +146,7 @@ def _top_module(lm, prompts) -> str:
     from ..locate.modules import module_scale
     from .locate_stage import restrict_modules
 
-    return restrict_modules(module_scale(lm, prompts), ("mlp.down",)).top_labels(1)[0]
+    return restrict_modules(module_scale(lm, prompts, final=MODULE_FINAL), ("mlp.down",)).top_labels(1)[0]
 
 
 def entries_of(module: str) -> Callable:
@@ -228,7 +233,27 @@ def located_labels(plan: EditPlan, result: LocateResult) -> list[str]:
         if n is None:
             raise ValueError("an msme-nested row plan needs a row_scale result (its extras['n_selected'] kept rows)")
         return result.top_labels(n)
-    return result.top_labels(min(plan.where.k_eff, len(result.labels)))
+    if plan.scale == "neuron" and isinstance(plan.method, Equalise):
+        return result.top_labels(plan.where.k_eff)  # solution_entries already picked (it ranks every entry)
+    return picked_labels(result, min(plan.where.k_eff, len(result.labels)), plan.where.pick, plan.seed)
+
+
+def picked_labels(result: LocateResult, k: int, pick: str = "top", seed: int = 0) -> list[str]:
+    """``k`` labels of ``result``: its best-ranked (``top``), those from rank ``n // 2`` on (``middle``),
+    the lowest-ranked (``lowest``, lowest first) or a seeded random sample (``random``); the controls
+    of :class:`~bias_lens.pipeline.plan.Where`."""
+    order = result.order()
+    if pick == "top":
+        idx = order[:k]
+    elif pick == "middle":
+        idx = order[len(order) // 2:][:k]
+    elif pick == "lowest":
+        idx = order[::-1][:k]
+    elif pick == "random":
+        idx = random.Random(seed).sample(order, k)
+    else:
+        raise ValueError(f"pick must be one of top, middle, lowest, random, got {pick!r}")
+    return [result.labels[i] for i in idx]
 
 
 def located_chain(plan: EditPlan, located: LocateResult | None) -> dict[str, Any]:
@@ -286,13 +311,33 @@ def _masking(lm, m: Masking, mask: ParamMask | None, data: EditData) -> tuple[Ed
 
 
 def _contrastive(lm, m: Contrastive, mask: ParamMask | None, data: EditData) -> tuple[Edit, dict[str, Any]]:
-    from ..edit.contrastive import contrastive_edit, make_reference, value_diff_mask
+    """Local contrastive editing: the references (loaded from ``m.reference_dir`` or trained / read
+    from the cache), the stereo/anti localisation (or its random control), the edit of the target."""
+    from ..edit.contrastive import contrastive_edit, mask_diff, mask_fraction, random_like, value_diff
+    from ..edit.references import References, make_references
 
-    cfg = m.reference.config(data.plan.scale, data.plan.seed)
-    ref = make_reference(lm, data.train, cfg, mask=mask)  # no dev early stop: the reference is meant to move
-    where = value_diff_mask(lm, ref, min(m.k, mask.size), names=mask.names) & mask
-    edit = contrastive_edit(lm, ref, where, m.mode, alpha=m.alpha)
-    return edit, {"contrastive_size": where.size, "config": cfg.to_dict()}
+    refs = References.load(m.reference_dir, lm) if m.reference_dir else make_references(lm, m.training, sides=m.sides)
+    differ = mask_diff(refs["stereo"], refs["anti"])
+    if m.localisation == "mask_diff":
+        located = differ
+    else:
+        if m.k is None and differ.size == 0:
+            raise RuntimeError("the references' masks do not differ, so value_diff has no default size; pass k")
+        try:
+            located = value_diff(refs["stereo"], refs["anti"], m.k or differ.size)
+        except ValueError as err:  # k larger than the comparable entries: known only once the model is loaded
+            raise RuntimeError(f"contrastive value_diff: {err}") from err
+    where = located
+    if m.control:
+        shapes = {n: tuple(p.shape) for n, p in lm.hf.named_parameters()}
+        where = random_like(located, shapes, seed=data.plan.seed, exclude=located)
+    source = refs[m.source] if m.source is not None else None
+    edit = contrastive_edit(lm, refs[m.reference], where, m.mode, alpha=m.alpha, source=source)
+    info = {"config": {**method_to_dict(m), "training": refs.config}, "contrastive_size": where.size,
+            "fraction": mask_fraction(where, lm), "mask_diff_fraction": mask_fraction(differ, lm),
+            "reference_sparsity": {s: sub.sparsity for s, sub in refs.subnets.items()},
+            "reference_fingerprint": refs.fingerprint, "reference_dir": refs.info.get("folder"), "control": m.control}
+    return edit, info
 
 
 def _dama(lm, m: Dama, mask: ParamMask | None, data: EditData) -> tuple[Edit, dict[str, Any]]:
@@ -365,15 +410,19 @@ def compute_edit(lm: LensModel, plan: EditPlan, mask: ParamMask | None, train: l
 
 
 def apply_plan(lm: LensModel, plan: EditPlan, located: LocateResult | None = None, *, limits: dict[str, int | None], before: dict[str, float] | None = None,
-               batch_size: int = 32, locate_fn: Callable | None = None) -> EditRun:
+               batch_size: int = 32, locate_fn: Callable | None = None, prefix_cache: PrefixCache | None = None) -> EditRun:
     """Run ``plan`` on ``lm`` (see the module docstring); the edit is left applied on return.
 
     ``located``: the scale's locate result (default: located on the train prompts by ``locate_fn``
-    or :func:`locate`); ``before``: already-measured metrics of the unedited model on ``limits``."""
+    or :func:`locate`); ``before``: already-measured metrics of the unedited model on ``limits``;
+    ``prefix_cache``: block inputs recorded while measuring the unedited model on ``limits``
+    (:mod:`bias_lens.prefix_cache`): the edited model's measurement replays the blocks before the
+    first edited one (same numbers, bit for bit; ``info["replayed_from_block"]``)."""
     train, dev = split_samples(plan)
     mask, labels = None, []
     if plan.where is not None:
-        located = located if located is not None else (locate_fn or locate)(lm, plan, train)
+        if located is None:
+            located = (locate_fn or locate)(lm, plan, _sample(train, N_LOCATE, plan.seed))
         mask = build_mask(lm, plan, located)
         labels = located_labels(plan, located)
     before = dict(before) if before is not None else measure(lm, limits, batch_size=batch_size)
@@ -387,7 +436,10 @@ def apply_plan(lm: LensModel, plan: EditPlan, located: LocateResult | None = Non
     n_changed = int(sum(edit.changed_counts(lm.hf).values()))
     handle = edit.apply_(lm.hf)
     try:
-        after = measure(lm, limits, batch_size=batch_size)
+        with replaying(lm, prefix_cache, edit.indices) as block:
+            after = measure(lm, limits, batch_size=batch_size)
+        if block is not None:
+            info["replayed_from_block"] = block
     except BaseException:
         handle.undo()
         raise

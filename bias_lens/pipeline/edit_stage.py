@@ -9,6 +9,7 @@ is restored bit-exactly after every row.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from .plan import EditPlan, layer_result_name
 if TYPE_CHECKING:
     from ..lens import LensModel
     from ..locate.result import LocateResult
+    from ..prefix_cache import PrefixCache
     from .cache import StageCache
     from .config import RunConfig
 
@@ -54,9 +56,12 @@ def located_for(row: EditPlan, results: dict[str, Any]) -> LocateResult | None:
     return causal_selected(results["causal"]) if row.scale == "attribution" else results[SCALE_RESULT[row.scale]]
 
 
-def run_row(lm: LensModel, cfg: RunConfig, row: EditPlan, results: dict[str, Any], cache: StageCache, org: dict[str, float] | None = None) -> dict[str, Any]:
+def run_row(lm: LensModel, cfg: RunConfig, row: EditPlan, results: dict[str, Any], cache: StageCache,
+            org: dict[str, float] | None = None, prefix_cache: PrefixCache | None = None) -> dict[str, Any]:
     """Run one report row through :func:`~bias_lens.pipeline.driver.apply_plan`, save its patch, undo;
-    returns its :class:`~bias_lens.pipeline.driver.EditRecord` as JSON (cached)."""
+    returns its :class:`~bias_lens.pipeline.driver.EditRecord` as JSON (cached), with the row's wall
+    time in ``info["seconds"]``. ``prefix_cache``: the unedited measurement's block inputs
+    (:mod:`bias_lens.prefix_cache`), replayed when the row's edit leaves the early blocks alone."""
     from ..edit.patch import save_patch
     from .driver import apply_plan
 
@@ -70,14 +75,16 @@ def run_row(lm: LensModel, cfg: RunConfig, row: EditPlan, results: dict[str, Any
         from .driver import entries_of
 
         locate_fn = entries_of(results["module_edit"].top_labels(1)[0])
+    t0 = time.perf_counter()
     run = apply_plan(lm, cfg.plan(row), located, limits=cfg.row_limits, before=org, batch_size=cfg.batch_size,
-                     locate_fn=locate_fn)
+                     locate_fn=locate_fn, prefix_cache=prefix_cache)
     if run.handle is not None:
         try:
             save_patch(run.edit, cache.patch_dir(key), originals=run.handle.originals, base_name=lm.name, force=True)
         finally:
             run.handle.undo()
     run.record.info.pop("history", None)
+    run.record.info["seconds"] = round(time.perf_counter() - t0, 1)
     return cache.put_json(key, run.record.to_dict())
 
 
@@ -141,8 +148,15 @@ class ExportRule:
         return why
 
 
+def is_control(row: dict[str, Any]) -> bool:
+    """Whether a row record is a located edit's control (``Where.pick`` other than ``top``)."""
+    where = (row.get("plan") or {}).get("where") or {}
+    return where.get("pick", "top") != "top"
+
+
 def choose_best(org: dict[str, float], rows: list[dict[str, Any]], rule: ExportRule | None = None) -> dict[str, Any] | None:
-    """The row ``rule`` exports (default :class:`ExportRule`); ``None`` when no weight edit passes."""
+    """The row ``rule`` exports (default :class:`ExportRule`); ``None`` when no weight edit passes.
+    Controls (:func:`is_control`) are never exported: they answer whether locating matters."""
     rule = rule or ExportRule()
-    ok = [r for r in rows if not rule.failures(org, r)]
+    ok = [r for r in rows if not is_control(r) and not rule.failures(org, r)]
     return min(ok, key=lambda r: r["metrics"][rule.objective]) if ok else None

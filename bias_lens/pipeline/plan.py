@@ -15,6 +15,10 @@ from ..edit.methods import MASKLESS, Finetune, Masking, method_from_dict, method
 from ..locate.gradients import ORDERS
 
 SCALES = ("layer", "module", "row", "neuron", "attribution")
+#: which located labels a plan edits: the top ``k`` (the located edit) or, as its controls, the
+#: ``k`` from the middle of the ranking (LFTF's rank sweep), the ``k`` lowest-ranked or ``k`` seeded
+#: random ones of the same ranking (same size, same method)
+PICKS = ("top", "middle", "lowest", "random")
 #: how the located scales nest: ``flat`` (the all-layer FFN-down module scan, rows/entries of its top
 #: module, top-``k`` of each) or ``msme`` (MSME Eq. 2 -> 3 -> 4 -> 5, each inside the previous)
 NESTINGS = ("flat", "msme")
@@ -22,6 +26,9 @@ NESTINGS = ("flat", "msme")
 NESTED_SCALES = ("module", "row", "neuron")
 #: Default number of located labels per scale (a block, a module, rows, entries, FFN neurons).
 DEFAULT_K = {"layer": 1, "module": 1, "row": 4, "neuron": 4096, "attribution": 8}
+#: the most train prompts a plan locates on (a seeded sample when it trains on more: the module scan
+#: and the gradient scores cost a pass per prompt, and 256 rank as well as the whole split)
+N_LOCATE = 256
 #: suites with real-world gender shares per prompt (what the fine-tuning losses need)
 PROFESSION_SUITES = ("genbiaseval", "genbiaseval-heldout", "genbiaspro-cg", "dama")
 
@@ -41,7 +48,13 @@ class Where:
     those blocks (Eq. 3; the top ``k`` modules are the module edit), the ``row_keep`` fraction of the
     top module's rows (Eq. 4; the row edit updates all of them, so ``k`` is refused) and the Eq. 5
     entries inside those rows (the neuron edit updates the whole entry set). ``row_order``: Eq. 4's
-    ranking (``"descending"`` as written, ``"ascending"``), row and neuron scales."""
+    ranking (``"descending"`` as written, ``"ascending"``), row and neuron scales.
+
+    ``pick`` (flat nesting): ``"top"`` edits the ``k`` best-ranked labels of the scale (the located
+    edit); ``"middle"`` (from rank ``n // 2`` on), ``"lowest"`` and ``"random"`` (seeded by the plan's
+    seed) are its controls, the same-size edit at the middle, the lowest-ranked or at random places
+    of the same ranking: blocks (layer), modules (module), rows and entries of the located module
+    (row, neuron)."""
 
     scale: str
     k: int | None = None
@@ -52,6 +65,7 @@ class Where:
     n_layers: int = 1
     row_keep: float = 0.5
     row_order: str = "descending"
+    pick: str = "top"
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -62,6 +76,11 @@ class Where:
             raise ValueError(f"neuron-params must be 'all' or 'down', got {self.neuron_params!r}")
         if self.drop not in (None, "attention", "mlp"):
             raise ValueError(f"drop must be 'attention' or 'mlp', got {self.drop!r}")
+        if self.pick not in PICKS:
+            raise ValueError(f"pick must be one of {', '.join(PICKS)}, got {self.pick!r}")
+        if self.pick != "top" and (self.nesting != "flat" or self.scale == "attribution"):
+            raise ValueError("pick 'middle' / 'lowest' / 'random' controls a flat ranking; use nesting 'flat' "
+                             "(attribution's random control: locate.neuron_pipeline.matched_random)")
         self._check_nesting()
 
     def _check_nesting(self) -> None:
@@ -97,12 +116,13 @@ class Where:
 @dataclass(frozen=True)
 class EditPlan:
     """One edit: ``method`` (a variant of :mod:`bias_lens.edit.methods`) at ``where``, trained on
-    ``n_samples`` seeded samples of ``suite``'s train split, early-stopped on its dev split."""
+    ``n_samples`` seeded samples of ``suite``'s train split (``None``: all of it), early-stopped on
+    its dev split; located on at most :data:`N_LOCATE` of them."""
 
     method: Any
     where: Where | None = None
     suite: str = "genbiaseval"
-    n_samples: int = 256
+    n_samples: int | None = 256
     seed: int = 0
     name: str | None = None
 
@@ -114,7 +134,7 @@ class EditPlan:
             raise ValueError(f"method {self.method.name!r} edits no located weights; drop --scale")
         if self.suite not in PROFESSION_SUITES:
             raise ValueError(f"editing needs a profession suite with real-world shares: {', '.join(PROFESSION_SUITES)}")
-        if self.n_samples < 1:
+        if self.n_samples is not None and self.n_samples < 1:
             raise ValueError(f"n-samples must be >= 1, got {self.n_samples}")
         if self.where is not None and self.where.nesting == "msme" and kind == "equalise":
             raise ValueError("the equalise edit solves for one FFN down projection (docs/equalise.md); "
@@ -159,6 +179,7 @@ def layer_result_name(plan: EditPlan) -> str:
     return "bmi" if plan.scale == "layer" and getattr(plan.method, "paper", None) == "lftf" else "layer"
 
 
-def finetune_plan(paper: str, scale: str, name: str | None = None, **kw: Any) -> EditPlan:
-    """Shorthand for the report rows: ``Finetune(paper=..., **kw)`` at ``Where(scale)``."""
-    return EditPlan(Finetune(paper=paper, **kw), Where(scale), name=name)
+def finetune_plan(paper: str, scale: str, name: str | None = None, where: dict[str, Any] | None = None,
+                  **kw: Any) -> EditPlan:
+    """Shorthand for the report rows: ``Finetune(paper=..., **kw)`` at ``Where(scale, **where)``."""
+    return EditPlan(Finetune(paper=paper, **kw), Where(scale, **(where or {})), name=name)

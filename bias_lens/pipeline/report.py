@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 COLUMNS = (  # key, header, format; raw = the papers' literal metrics, -r = renormalised over he/she
     ("fbs_cg", "FBS (CG)", "{:.3f}"), ("fbs", "FBS", "{:.3f}"), ("fbs_renorm", "FBS-r", "{:.3f}"),
     ("afgb", "AFGB", "{:.3f}"), ("afgb_renorm", "AFGB-r", "{:.3f}"), ("mass", "Mass", "{:.3f}"),
+    ("afgb_renorm_heldout", "AFGB-r HO", "{:.3f}"),
     ("afgb_word", "AFGB-w", "{:.3f}"), ("afgb_phrase", "AFGB-p", "{:.3f}"), ("afgb_sentence", "AFGB-s", "{:.3f}"),
     ("ub", "UB", "{:.3f}"), ("dama_a_s", "a_s", "{:.3f}"), ("ss", "SS", "{:.1f}"), ("icat", "ICAT", "{:.1f}"), ("crows", "CrowS", "{:.1f}"),
     ("perplexity", "PPL", "{:.2f}"), ("mmlu", "MMLU", "{:.3f}"), ("arithmetic", "Arith", "{:.3f}"),
@@ -21,7 +22,9 @@ COLUMNS = (  # key, header, format; raw = the papers' literal metrics, -r = reno
 #: what each column is (printed under the table)
 LEGEND = ("FBS (CG) = MSME FBS on GenBiasPro-CG; FBS / AFGB = the papers' raw scores on GenBiasEval, FBS-r / "
           "AFGB-r = the same on p(he), p(she) renormalised to sum to 1, Mass = mean p(he) + p(she) (raw scores "
-          "also fall when both pronouns fall; an edit that equalises lowers AFGB-r and keeps Mass); AFGB-w/p/s = raw "
+          "also fall when both pronouns fall; an edit that equalises lowers AFGB-r and keeps Mass); AFGB-r HO = AFGB-r "
+          "on GenBiasEval's 3 held-out templates x test professions (templates a row trained on 6 of 9 never saw, "
+          "professions no row saw); AFGB-w/p/s = raw "
           "AFGB by GenBiasEval scale; UB on GenHintEval; SS/ICAT StereoSet gender test (official labels, mean token "
           "log-prob); CrowS = CrowS-Pairs gender; PPL = perplexity on the gender-neutral corpus; MMLU = 0-shot "
           "accuracy on a per-subject subset of MMLU test; Arith = single-step arithmetic exact match; a_s = DAMA's regression slope on the stereotype score (DAMA test split; 0 = no stereotype); "
@@ -47,6 +50,60 @@ def markdown_table(org: dict[str, float], rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(org, rows)]
     return "\n".join(lines)
+
+
+#: the columns summarised over seed repetitions and beside the controls
+SUMMARY = (("afgb_renorm", "AFGB-r"), ("mass", "Mass"), ("afgb_renorm_heldout", "AFGB-r HO"), ("ub", "UB"),
+           ("perplexity", "PPL"), ("mmlu", "MMLU"), ("arithmetic", "Arith"))
+SEED_MARK = " [seed "
+
+
+def _mean_sd(values: list[float]) -> str:
+    import statistics
+
+    if len(values) < 2:
+        return f"{values[0]:.3f}" if values else "–"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def seed_lines(org: dict[str, float], rows: list[dict[str, Any]]) -> list[str]:
+    """Rows repeated over seeds (``X``, ``X [seed s]``): mean ± sd (sample sd) of :data:`SUMMARY`."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["name"].split(SEED_MARK)[0], []).append(r)
+    reps = {k: v for k, v in groups.items() if len(v) > 1}
+    if not reps:
+        return []
+    keys = [(k, h) for k, h in SUMMARY if k in org]
+    out = ["| row | seeds | " + " | ".join(h for _, h in keys) + " |", "|---|---:|" + "---|" * len(keys),
+           "| Org | – | " + " | ".join(f"{org[k]:.3f}" for k, _ in keys) + " |"]
+    for name, rs in reps.items():
+        cells = [_mean_sd([float(r["metrics"][k]) for r in rs if k in r["metrics"]]) for k, _ in keys]
+        out.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
+    return out
+
+
+def control_lines(org: dict[str, float], rows: list[dict[str, Any]], rule: Any = None) -> list[str]:
+    """Each located row beside its controls (same method and size at the lowest-ranked / a random
+    place): the :data:`SUMMARY` columns and whether the row passes the export rule."""
+    from .edit_stage import ExportRule, is_control
+
+    rule = rule or ExportRule()
+    by_name = {r["name"]: r for r in rows}
+    keys = [(k, h) for k, h in SUMMARY if k in org]
+    out = ["| row | place | Cost-P | " + " | ".join(h for _, h in keys) + " | passes the export rule |",
+           "|---|---|---:|" + "---|" * len(keys) + "---|"]
+    shown: set[str] = set()
+    for c in (r for r in rows if is_control(r)):
+        base = by_name.get(c["name"].split(", ")[0])
+        for r, place in ((base, "located"), (c, c["plan"]["where"]["pick"])):
+            if r is None or r["name"] in shown:
+                continue
+            shown.add(r["name"])
+            why = "; ".join(rule.failures(org, r)) or "yes"
+            out.append(f"| {r['name']} | {place} | {r['cost_p']:,} | "
+                       + " | ".join(_fmt(r["metrics"].get(k), "{:.3f}") for k, _ in keys) + f" | {why} |")
+    return out if len(out) > 2 else []
 
 
 def _locate_summary(results: dict[str, Any]) -> list[str]:
@@ -113,7 +170,9 @@ def write_reports(folder: Path, *, meta: dict[str, Any], evals: dict[str, dict],
 
     md = [f"# bias_lens report: {meta['model']}", "",
           f"Command: `{meta['command']}`  ", f"Preset: {'quick' if meta['config']['quick'] else 'full'}; "
-          f"cache key `{meta['key']}`; wall time {meta['wall_s']:.0f} s  ",
+          f"cache key `{meta['key']}`; wall time {meta['wall_s']:.0f} s"
+          + (" (" + ", ".join(f"{k} {v:.0f} s" for k, v in meta["stage_s"].items()) + ")" if "stage_s" in meta else "")
+          + "  ",
           "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
           f"Machine: {meta['machine']}", "",
           "## Data", "", "| suite | split sizes | evaluated (test) |", "|---|---|---|"]
@@ -128,6 +187,13 @@ def write_reports(folder: Path, *, meta: dict[str, Any], evals: dict[str, dict],
            f"Train: {meta['config']['n_train']} samples of {meta['config']['suite']} train; early stopping on dev; "
            "metrics on test splits (limits: " + json.dumps(meta["config"]["row_limits"]) + "). " + LEGEND, "",
            markdown_table(org, rows), ""]
+    seeds, controls = seed_lines(org, rows), control_lines(org, rows, rule_from_meta(meta))
+    if seeds:
+        md += ["## Seeds (mean ± sd over the repetitions of a row; each draws its own train subsample)", "", *seeds, ""]
+    if controls:
+        md += ["## Does locating matter? The located edits beside their controls", "",
+               "Same method, same size, at the lowest-ranked or a random place of the same ranking.", "",
+               *controls, ""]
     md += export_lines(org, rows, best, rule_from_meta(meta))
     md += ["## Figures", ""]
     for name, files in figures.items():

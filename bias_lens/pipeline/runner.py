@@ -77,12 +77,20 @@ def run_pipeline(cfg: RunConfig, out: Path | None = None, *, force: bool = False
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.parent, f".{out.name}.tmp")
     try:
-        evals = _evaluate_stage(lm, cfg, cache, progress)
-        results = _locate_stage(lm, cfg, cache, progress)
-        org, org_details, rows = _edit_stage(lm, cfg, results, cache, progress)
-        best, extra_figs = _export_stage(lm, cfg, org, org_details, rows, cache, tmp, progress)
+        stage_s: dict[str, float] = {"load": time.perf_counter() - t0}
+
+        def timed(name: str, fn, *a):
+            t = time.perf_counter()
+            out = fn(*a)
+            stage_s[name] = round(time.perf_counter() - t, 1)
+            return out
+
+        evals = timed("evaluate", _evaluate_stage, lm, cfg, cache, progress)
+        results = timed("locate", _locate_stage, lm, cfg, cache, progress)
+        org, org_details, rows = timed("edit", _edit_stage, lm, cfg, results, cache, progress)
+        best, extra_figs = timed("export", _export_stage, lm, cfg, org, org_details, rows, cache, tmp, progress)
         meta = {"model": lm.name, "command": command, "config": cfg.to_dict(), "key": key,
-                "export_rule": asdict(ExportRule()),
+                "export_rule": asdict(ExportRule()), "stage_s": stage_s,
                 "versions": _versions(), "wall_s": time.perf_counter() - t0,
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"}
         _report_stage(tmp, cfg, meta, evals, org, rows, results, best, extra_figs, progress)
@@ -128,22 +136,41 @@ def _locate_stage(lm, cfg: RunConfig, cache, progress: bool) -> dict[str, Any]:
 def _edit_stage(lm, cfg: RunConfig, results: dict[str, Any], cache, progress: bool):
     """3. the unedited model's columns, then every row through the one driver (each undone)."""
     from .edit_stage import run_row
-    from .measure import measure
     from .report import markdown_table
 
     with _bar(len(cfg.rows) + 1, "3/5 edit", progress) as bar:
-        org = cache.get_json("org_metrics")
-        if org is None:
-            org = cache.put_json("org_metrics", measure(lm, cfg.row_limits, batch_size=cfg.batch_size, details=True))
+        org, prefix = _org_metrics(lm, cfg, cache)
         bar.update(1)
         org_details = org.pop("_details", [])
         rows = []
         for row in cfg.rows:
             bar.set_postfix_str(row.label)
-            rows.append(run_row(lm, cfg, row, results, cache, org))
+            rows.append(run_row(lm, cfg, row, results, cache, org, prefix))
             bar.update(1)
+        if prefix is not None:
+            log.info("prefix cache: %d replayed batches, %d run in full (%.0f MB held)", prefix.hits, prefix.misses,
+                     prefix.nbytes / 2**20)
     log.info("edit table:\n%s", markdown_table(org, rows))
     return org, org_details, rows
+
+
+def _org_metrics(lm, cfg: RunConfig, cache):
+    """The unedited model's columns (cached) and, when a row still has to be measured, the block inputs
+    of that measurement (:mod:`bias_lens.prefix_cache`; measured again if the columns came from the cache)."""
+    from ..prefix_cache import PrefixCache, checkpoints, record
+    from .measure import measure
+
+    org = cache.get_json("org_metrics")
+    todo = any(cache.get_json(f"edit_{row.label}") is None for row in cfg.rows)
+    layers = checkpoints(lm.n_layers) if cfg.prefix_cache else ()
+    if not (todo and layers):
+        if org is None:
+            org = cache.put_json("org_metrics", measure(lm, cfg.row_limits, batch_size=cfg.batch_size, details=True))
+        return org, None
+    prefix = PrefixCache(layers)
+    with record(lm, prefix):
+        got = measure(lm, cfg.row_limits, batch_size=cfg.batch_size, details=True)
+    return (org if org is not None else cache.put_json("org_metrics", got)), prefix
 
 
 def _export_stage(lm, cfg: RunConfig, org, org_details, rows, cache, tmp: Path, progress: bool):
