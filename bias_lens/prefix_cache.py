@@ -63,9 +63,13 @@ class PrefixCache:
 
 def batch_key(args: tuple, kwargs: dict[str, Any]) -> bytes | None:
     """The identity of one forward call: its token ids, attention mask and position ids (``None``
-    when the call passes embeddings instead of ids, or a KV cache: such calls are never cached)."""
+    when the call passes embeddings instead of ids, reads a KV cache, or asks for one with
+    ``use_cache=True``: such calls are never replayed — a skipped block writes no keys/values, so a
+    later call reading the cache, e.g. the suffix batches after :func:`bias_lens.scoring.prefix_cache`,
+    would attend to nothing in those blocks)."""
     ids = kwargs.get("input_ids", args[0] if args else None)
-    if ids is None or kwargs.get("past_key_values") is not None or kwargs.get("inputs_embeds") is not None:
+    if (ids is None or kwargs.get("past_key_values") is not None or kwargs.get("inputs_embeds") is not None
+            or kwargs.get("use_cache") is True):
         return None
     h = hashlib.sha1()
     for name, t in (("ids", ids), ("mask", kwargs.get("attention_mask")), ("pos", kwargs.get("position_ids"))):

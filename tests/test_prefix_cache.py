@@ -16,7 +16,11 @@ from bias_lens.edit.masks import mask_from_labels
 from bias_lens.pipeline.measure import measure
 from bias_lens.prefix_cache import PrefixCache, checkpoints, first_edited_layer, record, replay, replaying
 
-LIMITS = {"genbiaseval": 12, "genhinteval": 8, "stereoset": 6, "crows-pairs": 6, "retention": 6, "arithmetic": 8}
+#: genbiaspro-cg scores its 2-shot prompts after a KV cache of their shared prefix (scoring.prefix_cache):
+#: the call that builds that cache must run every block, or the suffix batches read a cache that lacks
+#: the skipped blocks (it did, and GenBiasPro-CG FBS of every replayed row read 1.000)
+LIMITS = {"genbiaseval": 12, "genhinteval": 8, "genbiaspro-cg": 8, "dama": 8, "stereoset": 6, "crows-pairs": 6,
+          "retention": 6, "arithmetic": 8}
 
 
 def _edit(lm, label: str, seed: int = 0) -> Edit:
@@ -27,18 +31,20 @@ def _edit(lm, label: str, seed: int = 0) -> Edit:
 
 
 def test_replayed_measurement_equals_the_plain_one(tiny):
+    # GPT-2's learned positions (128 here) are shorter than the 2-shot CG prompts; rotary models run them
+    limits = LIMITS if tiny.hf.config.model_type != "gpt2" else {k: v for k, v in LIMITS.items() if k != "genbiaspro-cg"}
     pc = PrefixCache((1, 2))
     with record(tiny, pc):
-        before = measure(tiny, LIMITS, batch_size=4)
-    assert before == measure(tiny, LIMITS, batch_size=4)  # recording changes nothing
+        before = measure(tiny, limits, batch_size=4)
+    assert before == measure(tiny, limits, batch_size=4)  # recording changes nothing
     for label, want in (("L2.mlp.down", 2), ("L1.attn.o", 1)):
         edit = _edit(tiny, label)
         with edit.applied(tiny.hf):
-            plain = measure(tiny, LIMITS, batch_size=4)
+            plain = measure(tiny, limits, batch_size=4)
             hits = pc.hits
             with replaying(tiny, pc, edit.indices) as block:
-                got = measure(tiny, LIMITS, batch_size=4)
-        assert block == want and pc.hits > hits and pc.misses == 0
+                got = measure(tiny, limits, batch_size=4)
+        assert block == want and pc.hits > hits
         assert got == plain and got != before
 
 
