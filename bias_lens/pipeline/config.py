@@ -84,6 +84,8 @@ CONTROL_ROWS = tuple(EditPlan(Equalise(), Where(scale, pick=p), name=f"{scale} (
 #: column is measured on the 3 templates (and professions) it never saw
 HELDOUT_ROW = EditPlan(Equalise(), Where("module"), suite="genbiaseval-heldout",
                        name="module (MSME closed form), 6 of 9 templates")
+
+
 def lftf_rows(t: dict[str, Any] = FULL_TRAINING) -> tuple[EditPlan, ...]:
     """LFTF's rank sweep (BMI middle and last rank; the top block is the ``layer (LFTF)`` row) and its
     ablations on the top block (docs/lftf.md), with training settings ``t``."""
