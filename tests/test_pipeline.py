@@ -72,6 +72,21 @@ def test_run_writes_report_checkpoint_patch_and_resumes(env, monkeypatch):
     assert res2["rows"] == res["rows"] and res2["org"] == res["org"]
 
 
+def test_run_without_the_stage_cache_gives_the_cached_run_and_stores_nothing(env):
+    """``bias-lens run --no-cache`` (``use_cache=False``): every stage computed in memory (the layer
+    score and BMI were read back from the disabled cache and came out ``None``), the same results as
+    a cached run, and no stage record written (only the rows' patches, which the export step reads)."""
+    lm, folder, tmp = env
+    cfg = tiny_cfg(folder)
+    off = run_pipeline(cfg, tmp / "off", progress=False, lm=lm, use_cache=False)
+    stored = [p.name for p in (tmp / "cache").rglob("*.json")] if (tmp / "cache").exists() else []
+    assert set(stored) <= {"patch.json"}, stored
+    on = run_pipeline(cfg, tmp / "on", progress=False, lm=lm)
+    r_off, r_on = (json.loads((o / "results.json").read_text()) for o in (off, on))
+    assert r_off["rows"] == r_on["rows"] and r_off["org"] == r_on["org"]
+    assert r_off["meta"]["key"] == r_on["meta"]["key"]
+
+
 def test_interrupted_run_leaves_no_output(env, monkeypatch):
     lm, folder, tmp = env
     import bias_lens.pipeline.edit_stage as es

@@ -80,25 +80,25 @@ def layer_agreement(results: dict[str, Any], n_layers: int) -> dict[str, Any]:
     return agreement({k: results[k] for k in AGREEMENT_RESULTS if k in results}, n_layers).to_dict()
 
 
-def _layer_pass(lm, prompts: list[str], cache, names: tuple[str, str], batch_size: int) -> None:
-    """One residual pass for the layer score and BMI, unless both are cached under ``names``."""
+def _layer_pass(lm, prompts: list[str], cache, names: tuple[str, str], batch_size: int) -> dict[str, LocateResult]:
+    """The layer score and BMI under ``names``: from the cache, else one residual pass for both
+    (returned, not re-read from the cache: with the cache off, ``--no-cache``, nothing is stored)."""
     from ..locate.layers import layer_scale_and_bmi
 
-    if any(cache.get_result(n) is None for n in names):
+    got = {n: cache.get_result(n) for n in names}
+    if any(r is None for r in got.values()):
         lay, bm = layer_scale_and_bmi(lm, prompts, batch_size=batch_size)
-        cache.put_result(names[0], lay)
-        cache.put_result(names[1], bm)
+        got = {names[0]: cache.put_result(names[0], lay), names[1]: cache.put_result(names[1], bm)}
+    return got
 
 
 def _locate_layers(lm, cfg, prompts: list[str], cache, cached, cg_prompts: list[str] | None) -> None:
     """Layer score and BMI (on ``prompts`` and on ``cg_prompts``), then the BMI robustness check."""
-    _layer_pass(lm, prompts, cache, ("layer", "bmi"), cfg.batch_size)
-    cached("layer", lambda: cache.get_result("layer"))
-    cached("bmi", lambda: cache.get_result("bmi"))
+    got = _layer_pass(lm, prompts, cache, ("layer", "bmi"), cfg.batch_size)
     if cg_prompts:
-        _layer_pass(lm, cg_prompts, cache, ("layer_cg", "bmi_cg"), 8)
-        cached("layer_cg", lambda: cache.get_result("layer_cg"))
-        cached("bmi_cg", lambda: cache.get_result("bmi_cg"))
+        got |= _layer_pass(lm, cg_prompts, cache, ("layer_cg", "bmi_cg"), 8)
+    for name, res in got.items():
+        cached(name, lambda res=res: res)
     if cfg.bmi_robustness:
         from ..benchmarks import load_split
         from ..locate.layers import bmi_robustness
