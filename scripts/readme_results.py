@@ -68,6 +68,11 @@ def render(fig: Path = FIG) -> str:
     if pngs:
         out += ["", "**Figures** (interactive HTML beside each PNG in `figures/`):", ""]
         out += [f"![{Path(p).stem}](figures/{p})" for p in pngs]
+    else:  # the run had no Chromium to render PNGs: link the interactive figures
+        htmls = sorted(p.name for p in fig.glob("*.html"))
+        if htmls:
+            out += ["", "**Figures** (interactive HTML; this run had no Chromium, so no PNGs): "
+                    + ", ".join(f"[{Path(p).stem}](figures/{p})" for p in htmls)]
     out += ["", END]
     return "\n".join(out)
 
@@ -113,6 +118,10 @@ def copy_run(run: Path, fig: Path = FIG) -> None:
             slim(f, fig / "locate" / f.name)
         else:  # the circuit graph (small)
             shutil.copy2(f, fig / "locate" / f.name)
+    made = {f.name for f in (run / "figures").iterdir() if f.is_file()}
+    for f in fig.iterdir():  # figures of an earlier run that this one did not write (e.g. PNGs without Chromium)
+        if f.is_file() and f.suffix in (".html", ".png") and f.name not in made:
+            f.unlink()
     for f in (run / "figures").iterdir():
         if f.is_file():
             shutil.copy2(f, fig / f.name)

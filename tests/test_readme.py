@@ -51,6 +51,7 @@ def test_readme_results_are_the_committed_runs():
     assert mod.current_block(readme) == mod.render(), "README results are stale: run scripts/readme_results.py RUN_DIR"
     res = json.loads((root / "figures" / "results.json").read_text())
     assert not res["meta"]["config"]["quick"], "the README shows a full run"
-    for line in mod.render().splitlines():
-        if line.startswith("![") and "](" in line:
-            assert (root / line.split("](", 1)[1].rstrip(")")).exists(), line
+    import re
+
+    for target in re.findall(r"\]\((figures/[^)]+)\)", mod.render()):  # every image and figure link
+        assert (root / target).exists(), target
