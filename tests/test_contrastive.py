@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bias_lens.edit.contrastive import (
-    check_alpha, contrastive_edit, localise, mask_diff, mask_fraction, random_like, value_diff,
+    check_alpha, contrastive_edit, difference_by_matrix, localise, mask_diff, mask_fraction, matrix_labels, random_like,
+    value_diff,
 )
 from bias_lens.edit.edits import bits
 from bias_lens.edit.imp import ReferenceConfig
@@ -58,6 +59,24 @@ def test_mask_and_value_difference_match_brute_force(tiny_llama):
     assert mask_fraction(md, tiny_llama) == pytest.approx(md.size / total)
     with pytest.raises(ValueError, match="exceeds"):
         value_diff(s, a, total + 1)
+
+
+def test_difference_by_matrix_is_the_hand_share_per_block_matrix(tiny_llama):
+    """``matrix_labels`` names every block matrix by (block, kind) as the HF names spell it, and
+    ``difference_by_matrix`` is the masked count over the matrix size, 0 for unmasked matrices."""
+    lm = tiny_llama
+    labels = matrix_labels(lm)
+    assert sorted(labels) == sorted(weight_names(lm))
+    for name, (layer, _) in labels.items():
+        assert name.startswith(f"{lm.arch.layers}.{layer}.")
+    params = dict(lm.hf.named_parameters())
+    (n1, l1), (n2, l2) = list(labels.items())[:2]
+    m1 = torch.zeros_like(params[n1], dtype=torch.bool)
+    m1.view(-1)[:7] = True
+    m2 = torch.ones_like(params[n2], dtype=torch.bool)
+    got = difference_by_matrix(ParamMask({n1: m1, n2: m2}), lm)
+    assert got[l1] == 7 / params[n1].numel() and got[l2] == 1.0
+    assert all(v == 0 for lab, v in got.items() if lab not in (l1, l2)) and len(got) == len(labels)
 
 
 def test_random_control_has_the_same_size_and_layout(tiny_llama):

@@ -365,7 +365,8 @@ MMLU_MIN_POSITIONS = 2048
 
 
 def _limits(args: argparse.Namespace, lm=None) -> dict[str, int | None]:
-    """What ``bias-lens edit`` measures before/after: the edit suite, GenHintEval (UB), retention."""
+    """What ``bias-lens edit`` measures before/after: the edit suite, GenHintEval (UB), retention, and
+    capability (MMLU where its prompts fit the context, arithmetic); BiasEdit adds StereoSet and CrowS."""
     limits = {args.suite: args.limit, "genhinteval": args.ub_limit or args.limit,
               "retention": args.retention_limit or None}
     if args.method == "editor":  # BiasEdit is measured on StereoSet (its bias type), CrowS-Pairs and capability
