@@ -127,6 +127,76 @@ def _sweep(lm, path: Path, ns: list[int], scales: list[float], batch_size: int) 
     atomic_write_text(path, json.dumps(out, indent=1, default=str))
 
 
+#: the joint rows' test columns: LIMITS plus StereoSet (ICAT) and MMLU (the capability guard); CommonWords test beside
+JOINT_LIMITS = {**LIMITS, "stereoset": 96, "mmlu": 1}
+
+
+def _with_commonwords(lm, m: dict) -> dict:
+    """``m`` plus CommonWords test (renormalised bias, mass) of the model as it is now."""
+    from bias_lens.benchmarks import evaluate
+
+    cw = evaluate(lm, "commonwords", "test").metrics
+    return {**m, "cw_bias_renorm": float(cw["bias_renorm"]), "cw_mass": float(cw["mass"]), "cw_bias": float(cw["bias"])}
+
+
+def shift_floor(lm, prompts: list[str]) -> dict:
+    """The lowest AFGB-r any edit that shifts every prompt's logit difference d = log p(he) - log p(she) by the
+    same constant c can reach (mean |tanh((d + c) / 2)| minimised over c on a 0.01 grid in [-4, 4])."""
+    from bias_lens.locate.causal_joint import renorm_gap
+    from bias_lens.scoring import target_probs
+
+    p = target_probs(lm, prompts, resolve_targets(lm.tokenizer, "he,she")).double()
+    d = p[:, 0].log() - p[:, 1].log()
+    cs = torch.arange(-400, 401, dtype=torch.float64) / 100
+    r = torch.stack([renorm_gap(d + c) for c in cs])
+    i = int(r.argmin())
+    return {"n": len(prompts), "afgb_renorm": float(renorm_gap(d)), "floor": float(r[i]), "shift": float(cs[i]),
+            "signed_renorm": float(torch.tanh(d / 2).mean())}
+
+
+def _joint_row(lm, edit, batch_size: int) -> dict:
+    """``_measured`` on ``JOINT_LIMITS`` plus CommonWords test, ``edit`` applied for both and undone."""
+    handle = edit.apply_(lm)
+    try:
+        cw = _with_commonwords(lm, {})
+    finally:
+        handle.undo()
+    return {**_measured(lm, edit, JOINT_LIMITS, batch_size), **cw}
+
+
+def _joint(lm, path: Path, scales: list[float], batch_size: int) -> None:
+    """Joint causal selection (``mode="joint"``) of the run's filtered candidates on the same dev prompts, per
+    scale; each selection, and a matched random control, measured on the test splits (``JOINT_LIMITS`` +
+    CommonWords test); the uniform-shift floor of AFGB-r on dev and test. Added to ``--out`` as ``joint``."""
+    from bias_lens.benchmarks import load_split
+    from bias_lens.locate.causal import causal_selection
+
+    out = json.loads(path.read_text())
+    st, sel = out["settings"], out["selection"]
+    dev = sample_prompts("genbiaseval", "dev", st["n_dev"], seed=0)
+    ts = resolve_targets(lm.tokenizer, "he,she")
+    res = out.setdefault("joint", {"limits": JOINT_LIMITS, "rows": {}, "selections": {}, "timings": {}})
+    res["floor"] = {"dev": shift_floor(lm, dev), "test": shift_floor(lm, [r["prompt"] for r in load_split("genbiaseval", "test")])}
+    res["rows"]["before"] = _with_commonwords(lm, measure(lm, JOINT_LIMITS, batch_size=batch_size))
+    atomic_write_text(path, json.dumps(out, indent=1, default=str))
+    for scale in scales:
+        t = time.perf_counter()
+        c = causal_selection(lm, sel["filtered"], dev, ts, k=st["k"], max_ppl_increase=st["max_ppl_increase"],
+                             mode="joint", value=scale)
+        res["timings"][f"select@{scale:g}_s"] = time.perf_counter() - t
+        res["selections"][f"{scale:g}"] = {"variant": c.variant, "path": list(c.labels), **{
+            k: c.extras[k] for k in ("selected", "predicted", "joint", "afgb_renorm_base", "mass_base", "ppl_base")}}
+        log.info("joint@%g: path %s selected %s", scale, c.labels, c.extras["selected"])
+        chosen = c.extras["selected"]
+        if chosen:
+            control = matched_random(lm, chosen, seed=0, exclude=sel["candidates"])
+            for name, labels in ((f"joint@{scale:g}", chosen), (f"random@{scale:g} (joint size)", control)):
+                res["rows"][name] = {**_joint_row(lm, neuron_mask_edit(lm, labels, scale=scale), batch_size),
+                                     "labels": labels}
+                log.info("%s: %s", name, res["rows"][name])
+        atomic_write_text(path, json.dumps(out, indent=1, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("docs/neuron_editing.json"))
@@ -138,11 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--sweep", default=None, help="only the top-n prefix sweep of --out's selection, e.g. 5,10,20,30,50")
+    ap.add_argument("--joint", action="store_true",
+                    help="only the joint causal selection of --out's filtered candidates at each of --scales, measured on test")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     lm = load_model("smollm2-135m")
+    if args.joint:
+        _joint(lm, args.out, [float(x) for x in args.scales.split(",")], args.batch_size)
+        return 0
     if args.sweep:
         _sweep(lm, args.out, [int(n) for n in args.sweep.split(",")], [float(x) for x in args.scales.split(",")],
                args.batch_size)

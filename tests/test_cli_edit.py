@@ -134,7 +134,8 @@ def _bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def test_attribution_mask_zeroes_only_located_down_columns(base_dir, tmp_path, capsys):
     out = tmp_path / "masked"
-    res = _cli_json(capsys, ["edit", "--scale", "attribution", "--method", "mask", "--k", "3", "--model", str(base_dir),
+    res = _cli_json(capsys, ["edit", "--scale", "attribution", "--method", "mask", "--neuron-selection", "attribution", "--k", "3",
+                             "--model", str(base_dir),
                              "--out", str(out), "--json", *MEASURE])
     neurons = res["locate"]
     assert len(neurons) == 3 and res["mask_size"] == 3 * 48
@@ -247,3 +248,50 @@ def test_rolled_back_edit_exits_3_writes_nothing_and_says_why(base_dir, tmp_path
     assert len(err) == 1 and "retention guard" in err[0] and "20.00 > 10.00" in err[0]
     after = _safetensors(base_dir)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_attribution_mask_runs_the_paper_pipeline_and_masks_its_selection(base_dir, tmp_path, capsys):
+    """Default neuron selection of ``--scale attribution --method mask``: the driver's selection equals
+    ``paper_selection`` called directly on the same seeded prompts, and the export zeroes exactly the
+    selected neurons' down_proj / o_proj columns (FFN and attention value neurons)."""
+    from bias_lens import load_model
+    from bias_lens.benchmarks import load_split
+    from bias_lens.locate.neuron_pipeline import paper_selection
+    from bias_lens.pipeline.driver import N_PAPER_DEV, N_PAPER_LOCATE, _sample
+
+    out = tmp_path / "paper"
+    res = _cli_json(capsys, ["edit", "--scale", "attribution", "--method", "mask", "--causal-mode", "joint", "--k", "4",
+                             "--model", str(base_dir), "--out", str(out), "--json", *MEASURE])
+    sel = res["info"]["neuron_selection"]
+    lm = load_model(str(base_dir))
+    train = _sample(_sample(load_split("genbiaseval", "train"), 16, 0), 256, 0)
+    dev = [s["prompt"] for s in _sample(load_split("genbiaseval", "dev"), N_PAPER_DEV, 0)]
+    ref = paper_selection(lm, [s["prompt"] for s in train][:N_PAPER_LOCATE], dev, k=4, mode="joint")
+    assert sel["selected"] == ref.selected and sel["candidates"] == ref.candidates and sel["general"] == ref.general
+    assert sel["causal_variant"].startswith("joint") and 1 <= len(ref.selected) <= 4
+    base, edited = _state(base_dir), _state(out)
+    expect = {k: v.clone() for k, v in base.items()}
+    d_head = lm.d_head
+    for lab in ref.selected:
+        if "V" in lab:
+            layer, rest = lab[1:].split("H")
+            h, d = map(int, rest.split("V"))
+            expect[f"model.layers.{layer}.self_attn.o_proj.weight"][:, h * d_head + d] *= 0.0  # the edit scales by 0: -0.0 where negative
+        else:
+            layer, n = map(int, lab[1:].split("N"))
+            expect[f"model.layers.{layer}.mlp.down_proj.weight"][:, n] *= 0.0
+    assert _bit_equal(edited, expect)
+    assert res["n_params_edited"] == sum(int((base[k] != edited[k]).sum()) for k in base) > 0
+    assert res["locate"] == ref.selected
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--scale", "module", "--method", "mask", "--neuron-selection", "paper"], "--scale attribution"),
+    (["--scale", "attribution", "--method", "mask", "--neuron-selection", "attribution", "--causal-mode", "joint"],
+     "--neuron-selection paper"),
+    (["--scale", "attribution", "--method", "msme", "--neuron-selection", "paper"], "use method 'mask'"),
+])
+def test_neuron_selection_flags_are_checked(argv, msg, base_dir, capsys):
+    assert main(["edit", *argv, "--model", str(base_dir)]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1

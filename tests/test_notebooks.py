@@ -48,7 +48,8 @@ NOTEBOOKS: dict[str, tuple[tuple[str, ...], int]] = {
     "06_neuron_editing": (
         ("bias_lens.locate.query_neurons", "bias_lens.locate.general_neurons", "bias_lens.locate.neuron_pipeline",
          "bias_lens.locate.causal", "bias_lens.edit.neuron_masking", "bias_lens.benchmarks.runners",
-         "bias_lens.locate.projection", "bias_lens.locate.circuit_positions", "bias_lens.plot.circuit"), 7),
+         "bias_lens.locate.projection", "bias_lens.locate.circuit_positions", "bias_lens.plot.circuit",
+         "bias_lens.locate.causal_joint"), 8),
     "07_contrastive_editing": (
         ("bias_lens.benchmarks.cda", "bias_lens.edit.imp", "bias_lens.edit.references", "bias_lens.edit.contrastive",
          "bias_lens.plot.contrastive"), 2),

@@ -20,13 +20,18 @@ from test_figures_layout import (bmi_results, circuit_graph, entry_result, head_
 ROOT = Path(__file__).resolve().parents[1]
 
 
+PROJECTION = {"labels": ["L1N2", "L0H1V3"], "scores": [0.5, -0.25], "source": "attribution",
+              "tokens": {"L1N2": {"top": [" she", " her"], "bottom": [" he", "\n"]},
+                         "L0H1V3": {"top": [" his", " him"], "bottom": [" x", " y"]}}}
+
+
 def all_results() -> dict:
     from bias_lens.pipeline.locate_stage import layer_agreement
 
     res, rob = bmi_results()
     out = {"layer": layer_result(), "layer_cg": layer_result(), "bmi": res, "bmi_robustness": rob, "module": module_result(),
            "row": row_result(), "neuron": entry_result(), "attribution": neuron_result(), "heads": head_result(),
-           "circuit": circuit_graph()}
+           "circuit": circuit_graph(), "projection": PROJECTION}
     out["agreement"] = layer_agreement(out, 4)
     return out
 
@@ -47,6 +52,7 @@ def test_each_figure_is_the_plot_function_on_its_result():
         "neuron_attribution": pa.neuron_heatmap(r["attribution"]),
         "head_attribution": pa.head_heatmap(r["heads"]),
         "circuit": pc.circuit_figure(CircuitGraph(**r["circuit"])),
+        "neuron_projection": pa.projection_table(PROJECTION["tokens"], scores={"L1N2": 0.5, "L0H1V3": -0.25}),
         "layer_agreement": pl.agreement_heatmap(r["agreement"]),
     }
     got = pf.locate_figures(r)
@@ -102,3 +108,11 @@ def test_figure_orchestration_never_imports_plotly():
         mods += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         assert not [m for m in mods if m.split(".")[0] == "plotly"], path.name
     assert all(callable(getattr(pr, builder, None)) for _, _, builder in pf.LOCATE_FIGURES)
+
+
+def test_projection_table_cells_are_the_tokens_in_order():
+    fig = pa.projection_table(PROJECTION["tokens"], scores=dict(zip(PROJECTION["labels"], PROJECTION["scores"])))
+    cells = fig.data[0].cells.values
+    assert list(cells[0]) == ["L1N2", "L0H1V3"] and list(cells[1]) == ["+0.5", "-0.25"]
+    assert list(cells[2]) == [" she |  her", " his |  him"] and list(cells[3]) == [" he | \\n", " x |  y"]
+    assert len(pa.projection_table(PROJECTION["tokens"]).data[0].cells.values) == 3  # no score column

@@ -94,6 +94,13 @@ def _add_method_args(p: argparse.ArgumentParser, modes: tuple[str, ...], hint_lo
     p.add_argument("--neuron-params", choices=("all", "down"), default="all",
                    help="attribution scale: train down column + gate/up rows (all) or down columns only")
     p.add_argument("--no-general-filter", action="store_true", help="attribution scale: keep general neurons")
+    p.add_argument("--neuron-selection", choices=("paper", "attribution"), default=None,
+                   help="attribution scale: the interpretable-neuron-editing pipeline (paper: 50 FFN value + 50 attention "
+                   "value + 50 FFN query candidates -> <start> filter -> causal selection of --k (50) on dev prompts; "
+                   "default with --method mask) or the top --k (8) attribution FFN neurons (attribution; default otherwise)")
+    p.add_argument("--causal-mode", choices=("independent", "greedy", "joint"), default=None,
+                   help="--neuron-selection paper: the paper's rule (independent, default: the k best single masks), greedy, "
+                   "or joint (the set whose masking together lowers the renormalised gap with the pronoun mass kept)")
     p.add_argument("--drop", choices=("attention", "mlp"), default=None, help="LFTF ablation: w/o attention or MLP")
     p.add_argument("--nesting", choices=("flat", "msme"), default=None,
                    help="module/row/neuron scales: flat (default: the all-layer FFN-down module scan, top --k) or msme "
@@ -351,13 +358,25 @@ def _plan(args: argparse.Namespace):
         where = None
         if args.scale is not None:
             where = Where(args.scale, args.k, neuron_params=args.neuron_params, drop=args.drop,
-                          general_filter=not args.no_general_filter, nesting=args.nesting or "flat", pick=args.pick)
+                          general_filter=not args.no_general_filter, nesting=args.nesting or "flat", pick=args.pick,
+                          **_selection(args))
         closed = _closed_form(args)
         n = args.n_samples if args.n_samples is not None else (None if closed else 256)
         name = f"msme ({args.scale}, closed form)" if closed and args.method == "msme" and args.scale else None
         return EditPlan(_method(args), where, suite=args.suite, n_samples=n, seed=args.seed, name=name)
     except ValueError as err:
         raise UsageError(str(err)) from err
+
+
+def _selection(args: argparse.Namespace) -> dict[str, str]:
+    """``Where``'s neuron selection: the paper pipeline by default for ``--scale attribution --method mask``."""
+    if args.scale != "attribution" and (args.neuron_selection or args.causal_mode):
+        raise UsageError("--neuron-selection / --causal-mode pick neurons at --scale attribution")
+    default = "paper" if args.scale == "attribution" and args.method == "mask" else "attribution"
+    selection = args.neuron_selection or default
+    if args.causal_mode and selection != "paper":
+        raise UsageError("--causal-mode is the paper pipeline's causal rule; pass --neuron-selection paper")
+    return {"selection": selection, "causal_mode": args.causal_mode or "independent"}
 
 
 #: MMLU is measured by default only where its longest 0-shot prompt (1,041 SmolLM2 tokens) fits

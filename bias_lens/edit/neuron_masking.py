@@ -96,23 +96,27 @@ def o_column_mask(lm: LensModel, labels: Sequence[str]) -> ParamMask:
     return _columns(lm.hf, "attn.o", cols, "value neuron")
 
 
+def neuron_column_mask(model: torch.nn.Module | LensModel, neurons: Neurons) -> ParamMask:
+    """Mask of the output-projection columns the neurons write through: down-projection columns of FFN
+    neurons, o_proj columns of attention value neurons (these need the LensModel)."""
+    nd, values = _split(neurons)
+    if not any(nd.values()) and not values:
+        raise ValueError("no neurons given")
+    masks = ([down_column_mask(model, nd)] if any(nd.values()) else []) + ([o_column_mask(model, values)] if values else [])
+    mask = masks[0]
+    for extra in masks[1:]:
+        mask = mask | extra
+    return mask
+
+
 def neuron_mask_edit(model: torch.nn.Module | LensModel, neurons: Neurons, *, scale: float = 0.0,
                      include_inputs: bool = False) -> Edit:
     """Permanent masking edit of the neurons (``{layer: [k, ...]}``, or labels ``L{l}N{k}`` and/or
     ``L{l}H{h}V{d}``; value neurons need the LensModel). ``include_inputs`` applies to FFN neurons."""
     nd, values = _split(neurons)
-    if not any(nd.values()) and not values:
-        raise ValueError("no neurons given")
-    masks = []
-    if any(nd.values()):
-        masks.append(down_column_mask(model, nd))
-        if include_inputs:
-            masks.append(mask_from_labels(model, [f"L{l}N{k}" for l, ks in nd.items() for k in ks]))
-    if values:
-        masks.append(o_column_mask(model, values))
-    mask = masks[0]
-    for extra in masks[1:]:
-        mask = mask | extra
+    mask = neuron_column_mask(model, neurons)
+    if include_inputs and any(nd.values()):
+        mask = mask | mask_from_labels(model, [f"L{l}N{k}" for l, ks in nd.items() for k in ks])
     meta: dict[str, Any] = {"neurons": {str(l): ks for l, ks in nd.items()}, "scale": scale, "include_inputs": include_inputs}
     if values:
         meta["value_neurons"] = values

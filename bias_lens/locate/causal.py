@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: causal selection rules: the paper's (independent), greedy, and the joint set (:mod:`.causal_joint`)
+MODES = ("independent", "greedy", "joint")
 RETENTION_LIMIT = 8  # sentences of the retention corpus scored per candidate set
 
 
@@ -118,25 +120,37 @@ def _sentence_batches(lm, texts: Sequence[str], batch_size: int):
     return iter_batches(lm.tokenizer, [], batch_size, device=lm.device, token_ids=sentence_ids(lm.tokenizer, texts))
 
 
+def _batch_probs(lm, chunk, b, targets: TargetSet, value: float = 0.0) -> Float[Tensor, "set batch target"]:
+    """Target probabilities of batch ``b`` with each set of ``chunk`` scaled by ``value`` (one replica per set)."""
+    n = b.input_ids.shape[0]
+    with lm.hooks(mask_points(_scales(lm, chunk, n, value))):
+        return batch_target_logprobs(lm, b.repeat(len(chunk)), targets).exp().cpu().view(len(chunk), n, -1)
+
+
+def _chunk_probs(lm, chunk, prompts, targets: TargetSet, max_rows: int,
+                 value: float = 0.0) -> Float[Tensor, "set prompt target"]:
+    """Per-prompt target probabilities (float64) with each set of ``chunk`` scaled by ``value``."""
+    return torch.cat([_batch_probs(lm, chunk, b, targets, value).double()
+                      for b in iter_batches(lm.tokenizer, prompts, max_rows, device=lm.device)], 1)
+
+
 def _chunk_afgb(lm, chunk, prompts, targets: TargetSet, max_rows: int) -> Float[Tensor, " set"]:
     """Summed per-prompt target gap with each set of ``chunk`` masked (one replica per set)."""
     from ..benchmarks.metrics import pairwise_gap_t
 
-    R, out = len(chunk), torch.zeros(len(chunk), dtype=torch.float64)
+    out = torch.zeros(len(chunk), dtype=torch.float64)
     for b in iter_batches(lm.tokenizer, prompts, max_rows, device=lm.device):
-        n = b.input_ids.shape[0]
-        with lm.hooks(mask_points(_scales(lm, chunk, n))):
-            p = batch_target_logprobs(lm, b.repeat(R), targets).exp()
-        out += pairwise_gap_t(p).view(R, n).sum(1).cpu()
+        p = _batch_probs(lm, chunk, b, targets)
+        out += pairwise_gap_t(p.flatten(0, 1)).view(len(chunk), -1).sum(1)
     return out
 
 
-def _chunk_nll(lm, chunk, texts, batch_size: int) -> tuple[Float[Tensor, " set"], int]:
-    """Summed retention NLL with each set of ``chunk`` masked, and the number of scored tokens."""
+def _chunk_nll(lm, chunk, texts, batch_size: int, value: float = 0.0) -> tuple[Float[Tensor, " set"], int]:
+    """Summed retention NLL with each set of ``chunk`` scaled by ``value``, and the number of scored tokens."""
     R, out, toks = len(chunk), torch.zeros(len(chunk), dtype=torch.float64), 0
     for b in _sentence_batches(lm, texts, batch_size):
         n = b.input_ids.shape[0]
-        with lm.hooks(mask_points(_scales(lm, chunk, n))):
+        with lm.hooks(mask_points(_scales(lm, chunk, n, value))):
             lp, _ = batch_token_logprobs(lm, b.repeat(R))
         out -= (lp * b.attention_mask[:, 1:].repeat(R, 1).to(lp)).sum(1).view(R, n).sum(1)
         toks += int(b.attention_mask[:, 1:].sum())
@@ -162,6 +176,25 @@ def evaluate_sets(
         afgb[c0 : c0 + len(chunk)] = _chunk_afgb(lm, chunk, prompts, targets, max_rows)
         nll[c0 : c0 + len(chunk)], n_tok = _chunk_nll(lm, chunk, texts, max(1, max_rows // len(chunk)))
     return afgb / len(prompts), torch.exp(nll / n_tok)
+
+
+@torch.no_grad()
+def set_readings(
+    lm: LensModel, sets: Sequence[Sequence[Unit]], prompts: Sequence[str], targets: TargetSet,
+    texts: Sequence[str] | None = None, *, value: float = 0.0, max_rows: int = 256, progress: bool = False,
+) -> tuple[Float[Tensor, "set prompt target"], Float[Tensor, " set"]]:
+    """Per-prompt target probabilities (float64) and retention perplexity with each unit set scaled by
+    ``value`` (0 = masked): :func:`evaluate_sets`' forwards, keeping every prompt's reading instead of
+    the AFGB (what the joint selection of :mod:`bias_lens.locate.causal_joint` needs)."""
+    texts = retention_texts() if texts is None else list(texts)
+    probs, nll, n_tok = [], torch.zeros(len(sets), dtype=torch.float64), 1
+    per = max(1, max_rows // max(1, min(len(prompts), max_rows)))
+    starts = range(0, len(sets), per)
+    for c0 in bar(starts, total=len(starts), desc="causal masking", enabled=progress, unit="chunk"):
+        chunk = sets[c0 : c0 + per]
+        probs.append(_chunk_probs(lm, chunk, prompts, targets, max_rows, value))
+        nll[c0 : c0 + len(chunk)], n_tok = _chunk_nll(lm, chunk, texts, max(1, max_rows // len(chunk)), value)
+    return torch.cat(probs), torch.exp(nll / n_tok)
 
 
 def retention(lm: LensModel, texts: Sequence[str] | None = None, *, batch_size: int = 32) -> tuple[float, str]:
@@ -195,6 +228,7 @@ def causal_selection(
     lm: LensModel, candidates: Sequence[str], prompts: Sequence[str], targets: TargetSet | str = "he,she", *,
     k: int = 50, max_ppl_increase: float = 0.05, mode: str = "independent",
     texts: Sequence[str] | None = None, max_rows: int = 256, progress: bool = False,
+    min_mass_ratio: float = 0.9, value: float = 0.0,
 ) -> LocateResult:
     """Select up to ``k`` candidate neurons whose masking lowers AFGB with retention in bounds.
 
@@ -206,11 +240,19 @@ def causal_selection(
     neurons in order, scores = each step's AFGB reduction, ``extras["afgb"]`` the cumulative AFGB.
     ``texts``: retention sentences (default :func:`retention_texts`; ``extras["retention"]`` says
     which). ``progress=True`` shows a bar over candidate chunks (independent) or greedy steps.
+
+    Joint mode (:mod:`bias_lens.locate.causal_joint`): the set whose masking together lowers the
+    renormalised gap most, keeping the pronoun mass >= ``min_mass_ratio`` x base, from the single
+    masks' per-prompt readings; ``value`` in [0, 1) scales instead of masking (joint mode only).
     """
-    if mode not in ("independent", "greedy"):
-        raise ValueError(f"mode must be 'independent' or 'greedy', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if k < 1 or max_ppl_increase < 0:
         raise ValueError("k must be >= 1 and max_ppl_increase >= 0")
+    if not 0 <= value < 1 or (value != 0 and mode != "joint"):
+        raise ValueError(f"value (the scale of the selected units) must be in [0, 1) and is used by mode 'joint' only, got {value}")
+    if not 0 <= min_mass_ratio <= 1:
+        raise ValueError(f"min_mass_ratio must be in [0, 1], got {min_mass_ratio}")
     prompts = check_prompts(prompts)
     if not candidates:
         raise ValueError("no candidate neurons given; pass labels like L3N17 or L3H1V5 (e.g. paper_candidates)")
@@ -219,6 +261,13 @@ def causal_selection(
     ts.require(n=2, single_token=True)
     source = f"retention_sentences[:{RETENTION_LIMIT}],bos" if texts is None else f"custom[{len(texts)}],bos"
     texts = retention_texts() if texts is None else check_prompts(texts)
+    if mode == "joint":
+        from .causal_joint import joint_selection
+
+        res = joint_selection(lm, list(candidates), cands, prompts, ts, texts, k=k, max_ppl_increase=max_ppl_increase,
+                              min_mass_ratio=min_mass_ratio, value=value, max_rows=max_rows, progress=progress)
+        res.extras["retention"] = source
+        return res
     a0, p0 = evaluate_sets(lm, [[]], prompts, ts, texts, max_rows=max_rows)
     base = {"afgb_base": float(a0[0]), "ppl_base": float(p0[0]), "max_ppl_increase": max_ppl_increase, "k": k,
             "retention": source}

@@ -78,7 +78,16 @@ class NeuronSelection:
                 "filtered": list(self.filtered), "selected": list(self.selected), "counts": self.counts(),
                 "start_token": self.start_token, "min_frac": self.min_frac, "causal_variant": c.variant,
                 "afgb_base": c.extras["afgb_base"], "ppl_base": c.extras["ppl_base"], "retention": c.extras["retention"],
-                "per_candidate": per}
+                "per_candidate": per, **self._joint(c)}
+
+    @staticmethod
+    def _joint(c: LocateResult) -> dict[str, Any]:
+        """Joint causal selection's path and readings (:mod:`.causal_joint`), when it ran."""
+        if not c.variant.startswith("joint"):
+            return {}
+        keys = ("afgb_renorm_base", "mass_base", "min_mass_ratio", "value", "predicted", "joint", "single")
+        return {"joint_path": list(c.labels), **{f"joint_{k}" if k in ("predicted", "single") else k: c.extras[k]
+                                                  for k in keys}}
 
 
 def dedupe_candidates(cand: LocateResult) -> tuple[LocateResult, int]:
@@ -98,14 +107,16 @@ def dedupe_candidates(cand: LocateResult) -> tuple[LocateResult, int]:
 def paper_selection(
     lm: LensModel, locate_prompts: Sequence[str], dev_prompts: Sequence[str], targets: TargetSet | str = "he,she", *,
     k_candidates: int = 50, k: int = 50, min_frac: float = 0.5, max_ppl_increase: float = 0.05,
-    mode: str = "independent", texts: Sequence[str] | None = None, candidates: LocateResult | None = None,
+    mode: str = "independent", min_mass_ratio: float = 0.9, value: float = 0.0,
+    texts: Sequence[str] | None = None, candidates: LocateResult | None = None,
     stats: PositionStats | None = None, batch_size: int = 16, max_rows: int = 256, progress: bool = False,
 ) -> NeuronSelection:
     """The paper's 3k candidates (on ``locate_prompts``) -> ``<start>`` filter -> causal top ``k`` on ``dev_prompts``.
 
     ``candidates`` / ``stats``: a precomputed :func:`paper_candidates` result and
     :func:`position_stats` (``attention=True``) of the locate prompts, to skip those passes.
-    ``max_ppl_increase``, ``mode``, ``texts``, ``max_rows``: :func:`causal_selection`'s.
+    ``max_ppl_increase``, ``mode``, ``min_mass_ratio``, ``value``, ``texts``, ``max_rows``:
+    :func:`causal_selection`'s (``mode="joint"``: the set that equalises, :mod:`.causal_joint`).
     """
     from .general_neurons import filter_general, position_stats
     from .query_neurons import paper_candidates
@@ -122,7 +133,8 @@ def paper_selection(
     if not filt.labels:
         raise ValueError(f"the <start> filter removed all {len(cand.labels)} candidates; raise min_frac (now {min_frac})")
     causal = causal_selection(lm, filt.labels, dev_prompts, ts, k=k, max_ppl_increase=max_ppl_increase, mode=mode,
-                              texts=texts, max_rows=max_rows, progress=progress)
+                              texts=texts, max_rows=max_rows, progress=progress, min_mass_ratio=min_mass_ratio,
+                              value=value)
     general = [lab for lab in cand.labels if lab not in set(filt.labels)]
     return NeuronSelection(list(cand.labels), list(cand.extras["kind"]), n_dup, general, list(filt.labels),
                            list(causal.extras["selected"]), causal, stats.start_token, min_frac)

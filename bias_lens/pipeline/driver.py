@@ -90,12 +90,35 @@ def hint_samples(plan: EditPlan) -> tuple[list[dict], list[dict]]:
     return _sample(load_split("genhinteval", "train"), plan.n_samples, plan.seed), load_split("genhinteval", "dev")
 
 
+#: the paper pipeline's prompts (``Where.selection == "paper"``): candidates and ``<start>`` statistics on
+#: this many of the locate prompts, causal selection on as many seeded dev prompts (docs/neuron_editing.md:
+#: 64 + 64 on SmolLM2; the causal pass costs one masked forward of the dev prompts per candidate)
+N_PAPER_LOCATE = 64
+N_PAPER_DEV = 64
+
+
 def _attribution(lm, prompts: list[str], plan: EditPlan):
     from ..locate.attribution import neuron_attribution
     from ..locate.general_neurons import filter_general, position_stats
 
+    if plan.where.selection == "paper":
+        return _paper_neurons(lm, prompts, plan)
     res = neuron_attribution(lm, prompts, "he,she")
     return filter_general(res, position_stats(lm, prompts)) if plan.where.general_filter else res
+
+
+def _paper_neurons(lm, prompts: list[str], plan: EditPlan):
+    """The interpretable-neuron-editing pipeline (:func:`~bias_lens.locate.neuron_pipeline.paper_selection`):
+    its causal result, every stage in ``extras["selection"]``; ``extras["selected"]`` is the edit."""
+    from ..locate.neuron_pipeline import paper_selection
+
+    dev = [s["prompt"] for s in _sample(split_samples(plan)[1], N_PAPER_DEV, plan.seed)]
+    w = plan.where
+    value = plan.method.factor if w.causal_mode == "joint" else 0.0
+    sel = paper_selection(lm, prompts[:N_PAPER_LOCATE], dev, "he,she", k=w.k_eff, mode=w.causal_mode, value=value)
+    res = sel.causal
+    res.extras["selection"] = {**sel.to_dict(), "n_locate": min(len(prompts), N_PAPER_LOCATE), "n_dev": len(dev)}
+    return res
 
 
 def _layers(lm, prompts, plan):
@@ -224,6 +247,12 @@ def located_labels(plan: EditPlan, result: LocateResult) -> list[str]:
     """The top ``k`` labels of ``result`` (attribution: neuron labels only, in rank order). MSME
     nesting: every kept row of the row result (its ``extras["n_selected"]``) and every entry of the
     neuron result, in rank order."""
+    if plan.scale == "attribution" and plan.where.selection == "paper":
+        picked = list(result.extras.get("selected", []))
+        if not picked:
+            raise RuntimeError(f"causal selection kept none of the {len(result.labels)} candidates (no mask lowered the "
+                               "dev bias within the retention limits), so there is nothing to mask")
+        return picked
     if plan.scale == "attribution":
         from ..edit.neuron_masking import select_neurons
 
@@ -258,7 +287,10 @@ def picked_labels(result: LocateResult, k: int, pick: str = "top", seed: int = 0
 
 def located_chain(plan: EditPlan, located: LocateResult | None) -> dict[str, Any]:
     """``{"located_chain": ...}`` for an msme-nested plan (layer -> module -> rows -> entries, as located;
-    a given result without one records its own method), else ``{}``."""
+    a given result without one records its own method), ``{"neuron_selection": ...}`` (every stage) for
+    the paper's neuron selection, else ``{}``."""
+    if plan.where is not None and plan.where.selection == "paper" and located is not None:
+        return {"neuron_selection": located.extras.get("selection", {"given_result": located.method})}
     if plan.where is None or plan.where.nesting != "msme" or located is None:
         return {}
     return {"located_chain": located.extras.get("chain", {"nesting": "msme", "given_result": located.method})}
@@ -267,11 +299,11 @@ def located_chain(plan: EditPlan, located: LocateResult | None) -> dict[str, Any
 def build_mask(lm: LensModel, plan: EditPlan, result: LocateResult) -> ParamMask:
     """The plan's mask: the located labels (attribution neurons: down columns only if asked)."""
     from ..edit.masks import mask_from_labels, without_attention, without_mlp
-    from ..edit.neuron_masking import down_column_mask
+    from ..edit.neuron_masking import neuron_column_mask
 
     labels = located_labels(plan, result)
     down = plan.scale == "attribution" and plan.down_only
-    mask = down_column_mask(lm, labels) if down else mask_from_labels(lm.hf, labels)
+    mask = neuron_column_mask(lm, labels) if down else mask_from_labels(lm.hf, labels)
     drop = plan.where.drop
     mask = without_attention(mask, lm.hf) if drop == "attention" else without_mlp(mask, lm.hf) if drop == "mlp" else mask
     if mask.size == 0:

@@ -51,6 +51,8 @@ def located_for(row: EditPlan, results: dict[str, Any]) -> LocateResult | None:
         return None
     if row.scale == "neuron" and row.method.kind == "equalise":
         return None  # its entries are located from the closed-form solution in the module scan's top (run_row)
+    if row.scale == "attribution" and row.where.selection == "paper":
+        return None  # the paper pipeline locates on the row's own train / dev prompts (driver._paper_neurons)
     if row.scale == "layer":
         return results[layer_result_name(row)]  # LFTF fine-tunes BMI's top block, MSME its layer score's
     return causal_selected(results["causal"]) if row.scale == "attribution" else results[SCALE_RESULT[row.scale]]

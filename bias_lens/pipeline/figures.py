@@ -26,6 +26,7 @@ LOCATE_FIGURES: tuple[tuple[str, str, str], ...] = (
     ("neuron_attribution", "attribution", "neuron_attribution"),
     ("head_attribution", "heads", "head_attribution"),
     ("circuit", "circuit", "circuit"),
+    ("neuron_projection", "projection", "neuron_projection"),
     ("layer_agreement", "agreement", "layer_agreement"),
 )
 

@@ -159,3 +159,23 @@ def _locate_neurons(lm, cfg, prompts: list[str], dev_prompts: list[str], cache, 
                                                         depth=cfg.circuit_depth).to_dict())
     out["circuit"] = graph
     step("circuit")
+    out["projection"] = _projection(lm, filt, cache)
+    step("projection")
+
+
+#: neurons of the vocabulary-projection table (the filtered attribution ranking's top) and tokens per side
+N_PROJECTED, K_TOKENS = 12, 8
+
+
+def _projection(lm, ranked, cache) -> dict[str, Any]:
+    """The interpretable-neuron-editing paper's Table 2 for the top :data:`N_PROJECTED` neurons of
+    ``ranked``: each one's top / bottom tokens through the unembedding, with its attribution score."""
+    from ..locate.projection import neuron_vocab_projection
+
+    proj = cache.get_json("projection")
+    if proj is None:
+        labels = ranked.top_labels(N_PROJECTED)
+        tokens = neuron_vocab_projection(lm, labels, k=K_TOKENS)
+        proj = cache.put_json("projection", {"labels": labels, "scores": [ranked.score_of(lab) for lab in labels],
+                                             "source": ranked.method, "tokens": tokens})
+    return proj

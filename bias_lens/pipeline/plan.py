@@ -26,6 +26,13 @@ NESTINGS = ("flat", "msme")
 NESTED_SCALES = ("module", "row", "neuron")
 #: Default number of located labels per scale (a block, a module, rows, entries, FFN neurons).
 DEFAULT_K = {"layer": 1, "module": 1, "row": 4, "neuron": 4096, "attribution": 8}
+#: how the attribution scale picks neurons: the top attribution FFN neurons (``attribution``) or the
+#: interpretable-neuron-editing paper's pipeline (``paper``: 150 candidates -> <start> filter -> causal
+#: selection, :func:`bias_lens.locate.neuron_pipeline.paper_selection`; masking only)
+SELECTIONS = ("attribution", "paper")
+#: the paper pipeline's causal rule (:data:`bias_lens.locate.causal.MODES`) and its default set size
+CAUSAL_MODES = ("independent", "greedy", "joint")
+PAPER_K = 50
 #: the most train prompts a plan locates on (a seeded sample when it trains on more: the module scan
 #: and the gradient scores cost a pass per prompt, and 256 rank as well as the whole split)
 N_LOCATE = 256
@@ -54,7 +61,13 @@ class Where:
     edit); ``"middle"`` (from rank ``n // 2`` on), ``"lowest"`` and ``"random"`` (seeded by the plan's
     seed) are its controls, the same-size edit at the middle, the lowest-ranked or at random places
     of the same ranking: blocks (layer), modules (module), rows and entries of the located module
-    (row, neuron)."""
+    (row, neuron).
+
+    ``selection`` (attribution scale): ``"attribution"`` takes the top ``k`` (8) attribution FFN
+    neurons; ``"paper"`` runs the interpretable-neuron-editing pipeline (50 FFN value + 50 attention
+    value + 50 FFN query candidates -> ``<start>`` filter -> causal selection of up to ``k`` (50) on
+    dev prompts by ``causal_mode``: the paper's ``"independent"``, ``"greedy"``, or ``"joint"``, the
+    set that lowers the renormalised gap with the pronoun mass kept, :mod:`bias_lens.locate.causal_joint`)."""
 
     scale: str
     k: int | None = None
@@ -66,6 +79,8 @@ class Where:
     row_keep: float = 0.5
     row_order: str = "descending"
     pick: str = "top"
+    selection: str = "attribution"
+    causal_mode: str = "independent"
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -82,6 +97,18 @@ class Where:
             raise ValueError("pick 'middle' / 'lowest' / 'random' controls a flat ranking; use nesting 'flat' "
                              "(attribution's random control: locate.neuron_pipeline.matched_random)")
         self._check_nesting()
+        self._check_selection()
+
+    def _check_selection(self) -> None:
+        """``selection`` / ``causal_mode``: known values, at the attribution scale only."""
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"neuron selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.causal_mode not in CAUSAL_MODES:
+            raise ValueError(f"causal mode must be one of {', '.join(CAUSAL_MODES)}, got {self.causal_mode!r}")
+        if self.selection != "attribution" and self.scale != "attribution":
+            raise ValueError(f"neuron selection {self.selection!r} picks neurons at the attribution scale, not {self.scale}")
+        if self.causal_mode != "independent" and self.selection != "paper":
+            raise ValueError("causal mode applies to the paper's neuron selection; pass neuron selection 'paper'")
 
     def _check_nesting(self) -> None:
         """The nesting fields: known values, and only where they change the located weights."""
@@ -110,7 +137,9 @@ class Where:
     @property
     def k_eff(self) -> int:
         """``k``, or the scale's default number of located labels when not given."""
-        return self.k if self.k is not None else DEFAULT_K[self.scale]
+        if self.k is not None:
+            return self.k
+        return PAPER_K if self.selection == "paper" else DEFAULT_K[self.scale]
 
 
 @dataclass(frozen=True)
@@ -136,6 +165,9 @@ class EditPlan:
             raise ValueError(f"editing needs a profession suite with real-world shares: {', '.join(PROFESSION_SUITES)}")
         if self.n_samples is not None and self.n_samples < 1:
             raise ValueError(f"n-samples must be >= 1, got {self.n_samples}")
+        if self.where is not None and self.where.selection == "paper" and kind != "mask":
+            raise ValueError("the paper's neuron selection picks FFN and attention value neurons to mask; "
+                             "use method 'mask' (or neuron selection 'attribution' to fine-tune)")
         if self.where is not None and self.where.nesting == "msme" and kind == "equalise":
             raise ValueError("the equalise edit solves for one FFN down projection (docs/equalise.md); "
                              "use nesting 'flat'")

@@ -56,3 +56,22 @@ def head_heatmap(result: LocateResult, *, signed: bool = True, title: str | None
     fig.update_layout(xaxis_title="head", yaxis_title="layer")
     sub = result.variant + ("; > 0 pushes towards the second target" if signed else "")
     return titled(fig, title or "Attention-head attribution", sub)
+
+
+def projection_table(tokens: dict[str, dict[str, list[str]]], *, scores: dict[str, float] | None = None,
+                     title: str | None = None) -> go.Figure:
+    """The interpretable-neuron-editing paper's Table 2 as a plotly table: per neuron (``L{l}N{k}`` or
+    ``L{l}H{h}V{d}``) its top and bottom tokens through the unembedding
+    (:func:`bias_lens.locate.projection.neuron_vocab_projection`'s output), and its score when given."""
+    if not tokens:
+        raise ValueError("projection_table needs at least one neuron's tokens")
+    labels = list(tokens)
+    show = lambda toks: " | ".join(repr(t)[1:-1] for t in toks)  # noqa: E731  (spaces and escapes visible)
+    cols = [labels] + ([[f"{scores[lab]:+.4g}" for lab in labels]] if scores else []) + \
+        [[show(tokens[lab]["top"]) for lab in labels], [show(tokens[lab]["bottom"]) for lab in labels]]
+    head = ["neuron"] + (["score"] if scores else []) + ["top tokens (W_U projection)", "bottom tokens"]
+    fig = go.Figure(go.Table(header={"values": head, "align": "left"}, cells={"values": cols, "align": "left"},
+                             columnwidth=[1] + ([1] if scores else []) + [4, 4]))
+    fig.update_layout(title=title or "Neuron vocabulary projection (top / bottom tokens)",
+                      height=120 + 28 * len(labels), margin={"l": 10, "r": 10, "t": 50, "b": 10})
+    return fig

@@ -67,6 +67,14 @@ def circuit(results: Mapping[str, Any]) -> go.Figure:
     return pc.circuit_figure(CircuitGraph(**results["circuit"]))
 
 
+def neuron_projection(results: Mapping[str, Any]) -> go.Figure:
+    """The vocabulary projection of the top attribution neurons (the paper's Table 2; result ``projection``)."""
+    from .attribution import projection_table
+
+    p = results["projection"]
+    return projection_table(p["tokens"], scores=dict(zip(p["labels"], p["scores"])))
+
+
 def figure_fragments(figs: Sequence[tuple[str, go.Figure]]) -> list[str]:
     """One HTML ``<div>`` per figure for embedding in a page (``report.html``): plotly.js is inlined
     in the first fragment only, so the page is self-contained and carries one copy."""
