@@ -165,27 +165,35 @@ def _joint_row(lm, edit, batch_size: int) -> dict:
 
 
 def _joint(lm, path: Path, scales: list[float], batch_size: int) -> None:
-    """Joint causal selection (``mode="joint"``) of the run's filtered candidates on the same dev prompts, per
-    scale; each selection, and a matched random control, measured on the test splits (``JOINT_LIMITS`` +
+    """Joint causal selection (``mode="joint"``, UB guard on the driver's 32 GenHintEval dev prompts) of the run's
+    filtered candidates on the same dev prompts, per scale; each selection, and a matched random control, measured on the test splits (``JOINT_LIMITS`` +
     CommonWords test); the uniform-shift floor of AFGB-r on dev and test. Added to ``--out`` as ``joint``."""
     from bias_lens.benchmarks import load_split
     from bias_lens.locate.causal import causal_selection
+
+    from bias_lens.pipeline.driver import N_PAPER_HINT, _sample
 
     out = json.loads(path.read_text())
     st, sel = out["settings"], out["selection"]
     dev = sample_prompts("genbiaseval", "dev", st["n_dev"], seed=0)
     ts = resolve_targets(lm.tokenizer, "he,she")
-    res = out.setdefault("joint", {"limits": JOINT_LIMITS, "rows": {}, "selections": {}, "timings": {}})
-    res["floor"] = {"dev": shift_floor(lm, dev), "test": shift_floor(lm, [r["prompt"] for r in load_split("genbiaseval", "test")])}
-    res["rows"]["before"] = _with_commonwords(lm, measure(lm, JOINT_LIMITS, batch_size=batch_size))
+    hint = _sample(load_split("genhinteval", "dev"), N_PAPER_HINT, 0)  # the driver's UB-guard prompts (seed 0)
+    res = out.setdefault("joint", {"limits": JOINT_LIMITS, "rows": {}, "selections": {}, "timings": {},
+                                   "n_hint": len(hint), "ub_tolerance": 0.05})
+    if "floor" not in res:  # kept from an earlier --joint run on the same file (the unedited model's readings)
+        res["floor"] = {"dev": shift_floor(lm, dev),
+                        "test": shift_floor(lm, [r["prompt"] for r in load_split("genbiaseval", "test")])}
+    if "before" not in res["rows"]:
+        res["rows"]["before"] = _with_commonwords(lm, measure(lm, JOINT_LIMITS, batch_size=batch_size))
     atomic_write_text(path, json.dumps(out, indent=1, default=str))
     for scale in scales:
         t = time.perf_counter()
         c = causal_selection(lm, sel["filtered"], dev, ts, k=st["k"], max_ppl_increase=st["max_ppl_increase"],
-                             mode="joint", value=scale)
+                             mode="joint", value=scale, hint=hint, progress=True)
         res["timings"][f"select@{scale:g}_s"] = time.perf_counter() - t
         res["selections"][f"{scale:g}"] = {"variant": c.variant, "path": list(c.labels), **{
-            k: c.extras[k] for k in ("selected", "predicted", "joint", "afgb_renorm_base", "mass_base", "ppl_base")}}
+            k: c.extras[k] for k in ("selected", "predicted", "joint", "afgb_renorm_base", "mass_base", "ppl_base",
+                                     "ub_base")}}
         log.info("joint@%g: path %s selected %s", scale, c.labels, c.extras["selected"])
         chosen = c.extras["selected"]
         if chosen:

@@ -257,7 +257,7 @@ def test_attribution_mask_runs_the_paper_pipeline_and_masks_its_selection(base_d
     from bias_lens import load_model
     from bias_lens.benchmarks import load_split
     from bias_lens.locate.neuron_pipeline import paper_selection
-    from bias_lens.pipeline.driver import N_PAPER_DEV, N_PAPER_LOCATE, _sample
+    from bias_lens.pipeline.driver import N_PAPER_DEV, N_PAPER_HINT, N_PAPER_LOCATE, _sample
 
     out = tmp_path / "paper"
     res = _cli_json(capsys, ["edit", "--scale", "attribution", "--method", "mask", "--causal-mode", "joint", "--k", "4",
@@ -266,9 +266,11 @@ def test_attribution_mask_runs_the_paper_pipeline_and_masks_its_selection(base_d
     lm = load_model(str(base_dir))
     train = _sample(_sample(load_split("genbiaseval", "train"), 16, 0), 256, 0)
     dev = [s["prompt"] for s in _sample(load_split("genbiaseval", "dev"), N_PAPER_DEV, 0)]
-    ref = paper_selection(lm, [s["prompt"] for s in train][:N_PAPER_LOCATE], dev, k=4, mode="joint")
+    hint = _sample(load_split("genhinteval", "dev"), N_PAPER_HINT, 0)
+    ref = paper_selection(lm, [s["prompt"] for s in train][:N_PAPER_LOCATE], dev, k=4, mode="joint", hint=hint)
     assert sel["selected"] == ref.selected and sel["candidates"] == ref.candidates and sel["general"] == ref.general
-    assert sel["causal_variant"].startswith("joint") and 1 <= len(ref.selected) <= 4
+    assert sel["causal_variant"].startswith("joint") and sel["causal_variant"].endswith("ub>=base-0.05")
+    assert 1 <= len(ref.selected) <= 4 and sel["n_hint"] == N_PAPER_HINT
     base, edited = _state(base_dir), _state(out)
     expect = {k: v.clone() for k, v in base.items()}
     d_head = lm.d_head

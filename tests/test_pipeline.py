@@ -180,7 +180,7 @@ def test_full_rows_reach_the_edit_plan():
 
     cfg = RunConfig.full()
     plans = {r.name: cfg.plan(r) for r in FULL_ROWS}
-    assert len(plans) == len(FULL_ROWS) == 32
+    assert len(plans) == len(FULL_ROWS) == 33
     ed = plans["BiasEdit editor"].method
     assert (ed.kind, ed.bias, ed.max_minutes, ed.config(cfg.seed).loss) == ("editor", "gender", 5.0, "mean_prob_kl")
     fp = plans["FPFT"].method.config(None, 0)
@@ -203,6 +203,9 @@ def test_full_rows_reach_the_edit_plan():
         assert [(p.seed, p.n_samples, p.method.kind) for p in reps] == [(s, 768, "equalise") for s in (0, 1, 2)]
         assert {plans[f"{scale} (MSME closed form), {c} control"].where.pick for c in ("lowest", "random")} == {
             "lowest", "random"}
+    ne = plans["neuron editing (paper candidates, joint causal)"]
+    assert (ne.method.kind, ne.where.scale, ne.where.selection, ne.where.causal_mode, ne.where.k_eff) == (
+        "mask", "attribution", "paper", "joint", 50)
     held = plans["module (MSME closed form), 6 of 9 templates"]
     assert held.suite == "genbiaseval-heldout" and plans["module (MSME)"].suite == cfg.suite
 

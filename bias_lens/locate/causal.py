@@ -129,9 +129,11 @@ def _batch_probs(lm, chunk, b, targets: TargetSet, value: float = 0.0) -> Float[
 
 def _chunk_probs(lm, chunk, prompts, targets: TargetSet, max_rows: int,
                  value: float = 0.0) -> Float[Tensor, "set prompt target"]:
-    """Per-prompt target probabilities (float64) with each set of ``chunk`` scaled by ``value``."""
-    return torch.cat([_batch_probs(lm, chunk, b, targets, value).double()
-                      for b in iter_batches(lm.tokenizer, prompts, max_rows, device=lm.device)], 1)
+    """Per-prompt target probabilities (float64, in ``prompts``' order) with each set of ``chunk`` scaled by ``value``."""
+    out = torch.zeros(len(chunk), len(prompts), len(targets.first_ids), dtype=torch.float64)
+    for b in iter_batches(lm.tokenizer, prompts, max_rows, device=lm.device):  # length-sorted: b.rows are the indices
+        out[:, torch.as_tensor(b.rows)] = _batch_probs(lm, chunk, b, targets, value).double()
+    return out
 
 
 def _chunk_afgb(lm, chunk, prompts, targets: TargetSet, max_rows: int) -> Float[Tensor, " set"]:
@@ -228,7 +230,7 @@ def causal_selection(
     lm: LensModel, candidates: Sequence[str], prompts: Sequence[str], targets: TargetSet | str = "he,she", *,
     k: int = 50, max_ppl_increase: float = 0.05, mode: str = "independent",
     texts: Sequence[str] | None = None, max_rows: int = 256, progress: bool = False,
-    min_mass_ratio: float = 0.9, value: float = 0.0,
+    min_mass_ratio: float = 0.9, value: float = 0.0, hint: Sequence[dict] | None = None, ub_tolerance: float = 0.05,
 ) -> LocateResult:
     """Select up to ``k`` candidate neurons whose masking lowers AFGB with retention in bounds.
 
@@ -243,7 +245,9 @@ def causal_selection(
 
     Joint mode (:mod:`bias_lens.locate.causal_joint`): the set whose masking together lowers the
     renormalised gap most, keeping the pronoun mass >= ``min_mass_ratio`` x base, from the single
-    masks' per-prompt readings; ``value`` in [0, 1) scales instead of masking (joint mode only).
+    masks' per-prompt readings; ``value`` in [0, 1) scales instead of masking; ``hint``
+    (GenHintEval rows with ``prompt`` and ``F``) adds the UB guard (UB may fall at most
+    ``ub_tolerance``). These three are joint mode's only.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -251,6 +255,8 @@ def causal_selection(
         raise ValueError("k must be >= 1 and max_ppl_increase >= 0")
     if not 0 <= value < 1 or (value != 0 and mode != "joint"):
         raise ValueError(f"value (the scale of the selected units) must be in [0, 1) and is used by mode 'joint' only, got {value}")
+    if hint is not None and mode != "joint":
+        raise ValueError("hint (the UB guard) is used by mode 'joint' only")
     if not 0 <= min_mass_ratio <= 1:
         raise ValueError(f"min_mass_ratio must be in [0, 1], got {min_mass_ratio}")
     prompts = check_prompts(prompts)
@@ -265,7 +271,8 @@ def causal_selection(
         from .causal_joint import joint_selection
 
         res = joint_selection(lm, list(candidates), cands, prompts, ts, texts, k=k, max_ppl_increase=max_ppl_increase,
-                              min_mass_ratio=min_mass_ratio, value=value, max_rows=max_rows, progress=progress)
+                              min_mass_ratio=min_mass_ratio, value=value, hint=hint, ub_tolerance=ub_tolerance,
+                              max_rows=max_rows, progress=progress)
         res.extras["retention"] = source
         return res
     a0, p0 = evaluate_sets(lm, [[]], prompts, ts, texts, max_rows=max_rows)

@@ -85,9 +85,10 @@ class NeuronSelection:
         """Joint causal selection's path and readings (:mod:`.causal_joint`), when it ran."""
         if not c.variant.startswith("joint"):
             return {}
-        keys = ("afgb_renorm_base", "mass_base", "min_mass_ratio", "value", "predicted", "joint", "single")
+        keys = ("afgb_renorm_base", "mass_base", "min_mass_ratio", "value", "predicted", "joint", "single", "ub_base",
+                "ub_tolerance", "n_hint")
         return {"joint_path": list(c.labels), **{f"joint_{k}" if k in ("predicted", "single") else k: c.extras[k]
-                                                  for k in keys}}
+                                                  for k in keys if k in c.extras}}
 
 
 def dedupe_candidates(cand: LocateResult) -> tuple[LocateResult, int]:
@@ -107,7 +108,7 @@ def dedupe_candidates(cand: LocateResult) -> tuple[LocateResult, int]:
 def paper_selection(
     lm: LensModel, locate_prompts: Sequence[str], dev_prompts: Sequence[str], targets: TargetSet | str = "he,she", *,
     k_candidates: int = 50, k: int = 50, min_frac: float = 0.5, max_ppl_increase: float = 0.05,
-    mode: str = "independent", min_mass_ratio: float = 0.9, value: float = 0.0,
+    mode: str = "independent", min_mass_ratio: float = 0.9, value: float = 0.0, hint: Sequence[dict] | None = None,
     texts: Sequence[str] | None = None, candidates: LocateResult | None = None,
     stats: PositionStats | None = None, batch_size: int = 16, max_rows: int = 256, progress: bool = False,
 ) -> NeuronSelection:
@@ -115,7 +116,7 @@ def paper_selection(
 
     ``candidates`` / ``stats``: a precomputed :func:`paper_candidates` result and
     :func:`position_stats` (``attention=True``) of the locate prompts, to skip those passes.
-    ``max_ppl_increase``, ``mode``, ``min_mass_ratio``, ``value``, ``texts``, ``max_rows``:
+    ``max_ppl_increase``, ``mode``, ``min_mass_ratio``, ``value``, ``hint``, ``texts``, ``max_rows``:
     :func:`causal_selection`'s (``mode="joint"``: the set that equalises, :mod:`.causal_joint`).
     """
     from .general_neurons import filter_general, position_stats
@@ -134,7 +135,7 @@ def paper_selection(
         raise ValueError(f"the <start> filter removed all {len(cand.labels)} candidates; raise min_frac (now {min_frac})")
     causal = causal_selection(lm, filt.labels, dev_prompts, ts, k=k, max_ppl_increase=max_ppl_increase, mode=mode,
                               texts=texts, max_rows=max_rows, progress=progress, min_mass_ratio=min_mass_ratio,
-                              value=value)
+                              value=value, hint=hint)
     general = [lab for lab in cand.labels if lab not in set(filt.labels)]
     return NeuronSelection(list(cand.labels), list(cand.extras["kind"]), n_dup, general, list(filt.labels),
                            list(causal.extras["selected"]), causal, stats.start_token, min_frac)

@@ -39,7 +39,8 @@ EDITOR_ROW: dict[str, Any] = {"bias": "gender", "max_minutes": 5.0}
 
 def full_rows(t: dict[str, Any] = FULL_TRAINING) -> tuple[EditPlan, ...]:
     """The report's rows (the papers' table layout) with training settings ``t``: the baselines, the
-    papers' literal rows, the other methods, MSME's stated objective in closed form (3 seeds, the
+    papers' literal rows, the other methods (interpretable neuron editing with the joint causal rule),
+    MSME's stated objective in closed form (3 seeds, the
     ``bias-lens edit --method msme`` default), its controls, the template-held-out row, and LFTF's
     rank sweep and ablations (docs/lftf.md)."""
     return (
@@ -50,6 +51,7 @@ def full_rows(t: dict[str, Any] = FULL_TRAINING) -> tuple[EditPlan, ...]:
         *(finetune_plan(paper, scale, f"{scale} ({paper.upper()})", **t)
           for scale in ("layer", "module", "row", "neuron") for paper in ("msme", "lftf")),
         EditPlan(Masking(), Where("attribution"), name="attribution masking"),
+        PAPER_NEURON_ROW,
         EditPlan(Contrastive(), name="contrastive"),
         # MSME's equal + non-zero objective by masked fine-tuning (its renormalised reading KL(f || q) + the
         # mass-keeping term, early stopping on dev AFGB-r with the mass guard; docs/edit.md): beside the
@@ -62,6 +64,12 @@ def full_rows(t: dict[str, Any] = FULL_TRAINING) -> tuple[EditPlan, ...]:
     )
 
 
+#: interpretable neuron editing through the driver (``bias-lens edit --scale attribution --method mask
+#: --causal-mode joint``): the paper's 150 candidates and <start> filter, then the set whose masking lowers the
+#: renormalised gap with mass and UB kept (docs/neuron_editing.md; the paper's own 50, which overshoot on
+#: SmolLM2, are that doc's rows)
+PAPER_NEURON_ROW = EditPlan(Masking(), Where("attribution", selection="paper", causal_mode="joint"),
+                            name="neuron editing (paper candidates, joint causal)")
 #: repetitions of the closed-form rows (seed offsets: each draws its own train subsample)
 SEEDS = (0, 1, 2)
 

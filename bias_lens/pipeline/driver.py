@@ -95,6 +95,8 @@ def hint_samples(plan: EditPlan) -> tuple[list[dict], list[dict]]:
 #: 64 + 64 on SmolLM2; the causal pass costs one masked forward of the dev prompts per candidate)
 N_PAPER_LOCATE = 64
 N_PAPER_DEV = 64
+#: GenHintEval dev prompts of the joint causal rule's UB guard (``causal_mode="joint"``)
+N_PAPER_HINT = 32
 
 
 def _attribution(lm, prompts: list[str], plan: EditPlan):
@@ -109,15 +111,19 @@ def _attribution(lm, prompts: list[str], plan: EditPlan):
 
 def _paper_neurons(lm, prompts: list[str], plan: EditPlan):
     """The interpretable-neuron-editing pipeline (:func:`~bias_lens.locate.neuron_pipeline.paper_selection`):
-    its causal result, every stage in ``extras["selection"]``; ``extras["selected"]`` is the edit."""
+    its causal result, every stage in ``extras["selection"]``; ``extras["selected"]`` is the edit. The
+    joint rule also keeps UB on :data:`N_PAPER_HINT` GenHintEval dev prompts (its UB guard)."""
     from ..locate.neuron_pipeline import paper_selection
 
     dev = [s["prompt"] for s in _sample(split_samples(plan)[1], N_PAPER_DEV, plan.seed)]
     w = plan.where
-    value = plan.method.factor if w.causal_mode == "joint" else 0.0
-    sel = paper_selection(lm, prompts[:N_PAPER_LOCATE], dev, "he,she", k=w.k_eff, mode=w.causal_mode, value=value)
+    joint = w.causal_mode == "joint"
+    hint = _sample(hint_samples(plan)[1], N_PAPER_HINT, plan.seed) if joint else None
+    sel = paper_selection(lm, prompts[:N_PAPER_LOCATE], dev, "he,she", k=w.k_eff, mode=w.causal_mode,
+                          value=plan.method.factor if joint else 0.0, hint=hint)
     res = sel.causal
-    res.extras["selection"] = {**sel.to_dict(), "n_locate": min(len(prompts), N_PAPER_LOCATE), "n_dev": len(dev)}
+    res.extras["selection"] = {**sel.to_dict(), "n_locate": min(len(prompts), N_PAPER_LOCATE), "n_dev": len(dev),
+                               "n_hint": len(hint or [])}
     return res
 
 
