@@ -145,12 +145,14 @@ def main() -> None:
                     help="CDA sources of the references (default: cda.DEFAULT_SOURCES; 'professions,winobias,stereoset,hints' = "
                     "with the shared GenHintEval anchor)")
     ap.add_argument("--table", action="store_true", help="print the markdown tables of an existing --out file")
+    ap.add_argument("--figure-only", action="store_true", help="redraw --figure from an existing --out file")
     ap.add_argument("--shuffled-controls", action="store_true",
                     help="add the magnitude-matched controls of the --out file's located test rows (and dev points)")
     args = ap.parse_args()
-    if args.table:
+    if args.table or args.figure_only:
         with open(args.out) as f:
-            print(tables(json.load(f)))
+            res = json.load(f)
+        print(tables(res)) if args.table else figure(res, args.figure)
         return
     torch.set_num_threads(1)
     if args.shuffled_controls:
@@ -259,14 +261,18 @@ def figure(res: dict, path: str) -> None:
     from bias_lens.plot.contrastive import alpha_sweep
     from bias_lens.plot.io import write_figure
 
+    from bias_lens.plot.contrastive import PANELS
+
     rows = [{"series": r["series"], "control": r["control"], "alpha": r["alpha"], "afgb_renorm": r["dev_afgb_renorm"],
-             "mass": r["dev_mass"], "perplexity": r["dev_perplexity"]}
+             "mass": r["dev_mass"], "perplexity": r["dev_perplexity"], "ub": r["dev_ub"]}
             for r in res["sweep"] if r["transfer"] and r["mode"] in ("interpolate", "extrapolate")
             and r["control"] in (False, True)]
     org = res["org"]
-    base = {"afgb_renorm": org["dev_afgb_renorm"], "mass": org["dev_mass"], "perplexity": org["dev_perplexity"]}
-    write_figure(alpha_sweep(rows, base, title_note="SmolLM2-135M, GenBiasEval-heldout dev."), path, png=None,
-                 plotlyjs="cdn")
+    base = {"afgb_renorm": org["dev_afgb_renorm"], "mass": org["dev_mass"], "perplexity": org["dev_perplexity"],
+            "ub": org["dev_ub"]}
+    panels = (*PANELS, ("ub", "UB (GenHintEval dev)"))  # the hint-use cost that decides alpha under the UB guard
+    write_figure(alpha_sweep(rows, base, panels=panels), path,
+                 png=None, plotlyjs="cdn")
 
 
 if __name__ == "__main__":

@@ -164,7 +164,15 @@ def _joint_row(lm, edit, batch_size: int) -> dict:
     return {**_measured(lm, edit, JOINT_LIMITS, batch_size), **cw}
 
 
-def _joint(lm, path: Path, scales: list[float], batch_size: int) -> None:
+def _commonwords_dev(n: int) -> list[str]:
+    """``n`` seeded CommonWords *dev* prompts of the he/she templates (the causal code scores one target pair)."""
+    from bias_lens.benchmarks import load_split
+    from bias_lens.pipeline.driver import _sample
+
+    return [r["prompt"] for r in _sample([r for r in load_split("commonwords", "dev") if r["targets"] == ["he", "she"]], n, 0)]
+
+
+def _joint(lm, path: Path, scales: list[float], batch_size: int, cw_dev: int = 0) -> None:
     """Joint causal selection (``mode="joint"``, UB guard on the driver's 32 GenHintEval dev prompts) of the run's
     filtered candidates on the same dev prompts, per scale; each selection, and a matched random control, measured on the test splits (``JOINT_LIMITS`` +
     CommonWords test); the uniform-shift floor of AFGB-r on dev and test. Added to ``--out`` as ``joint``."""
@@ -178,7 +186,9 @@ def _joint(lm, path: Path, scales: list[float], batch_size: int) -> None:
     dev = sample_prompts("genbiaseval", "dev", st["n_dev"], seed=0)
     ts = resolve_targets(lm.tokenizer, "he,she")
     hint = _sample(load_split("genhinteval", "dev"), N_PAPER_HINT, 0)  # the driver's UB-guard prompts (seed 0)
-    res = out.setdefault("joint", {"limits": JOINT_LIMITS, "rows": {}, "selections": {}, "timings": {},
+    if cw_dev:  # the objective also over CommonWords dev (he/she templates): the set must equalise both
+        dev = dev + _commonwords_dev(cw_dev)
+    res = out.setdefault("joint" if not cw_dev else f"joint_cw{cw_dev}", {"limits": JOINT_LIMITS, "rows": {}, "selections": {}, "timings": {},
                                    "n_hint": len(hint), "ub_tolerance": 0.05})
     if "floor" not in res:  # kept from an earlier --joint run on the same file (the unedited model's readings)
         res["floor"] = {"dev": shift_floor(lm, dev),
@@ -218,13 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", default=None, help="only the top-n prefix sweep of --out's selection, e.g. 5,10,20,30,50")
     ap.add_argument("--joint", action="store_true",
                     help="only the joint causal selection of --out's filtered candidates at each of --scales, measured on test")
+    ap.add_argument("--cw-dev", type=int, default=0,
+                    help="--joint: add this many CommonWords dev prompts (he/she templates) to the selection objective")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     lm = load_model("smollm2-135m")
     if args.joint:
-        _joint(lm, args.out, [float(x) for x in args.scales.split(",")], args.batch_size)
+        _joint(lm, args.out, [float(x) for x in args.scales.split(",")], args.batch_size, args.cw_dev)
         return 0
     if args.sweep:
         _sweep(lm, args.out, [int(n) for n in args.sweep.split(",")], [float(x) for x in args.scales.split(",")],

@@ -45,10 +45,14 @@ def alpha_sweep(rows: list[dict[str, Any]], base: dict[str, float], *, title_not
             fig.add_hline(y=base[key], line={"color": "#6c7a89", "dash": "dot"}, row=i, col=1)
         fig.update_yaxes(title_text=axis, row=i, col=1, **({"type": "log"} if key == "perplexity" else {}))
     fig.update_xaxes(title_text="alpha (theta + alpha (w_anti - w_stereo))", row=len(panels), col=1)
-    fig.update_layout(legend={"orientation": "h", "x": 0, "y": 1.0, "yanchor": "bottom"})
+    # legend under the x axis: 3 series x located / control wrap to two rows, which a top legend row would
+    # push into the subtitle
+    fig.update_layout(legend={"orientation": "h", "x": 0, "y": -0.35 / len(panels), "yanchor": "top"},
+                      margin={"b": 150})
     sub = "Dotted: the unedited model. Dashed: the same number of random entries per matrix, edited the same way."
-    return titled(fig, "Local contrastive editing: bias, pronoun mass and perplexity against alpha",
-                  f"{sub} {title_note}".strip(), height=300 + 180 * len(panels))
+    names = ", ".join(label.split(" (")[0] for _, label in panels)
+    return titled(fig, f"Local contrastive editing against alpha: {names}", f"{sub} {title_note}".strip(),
+                  height=380 + 180 * len(panels))
 
 
 def mask_difference(fractions: dict[tuple[int, str], float], *, model: str = "") -> go.Figure:
