@@ -94,13 +94,7 @@ def _add_method_args(p: argparse.ArgumentParser, modes: tuple[str, ...], hint_lo
     p.add_argument("--neuron-params", choices=("all", "down"), default="all",
                    help="attribution scale: train down column + gate/up rows (all) or down columns only")
     p.add_argument("--no-general-filter", action="store_true", help="attribution scale: keep general neurons")
-    p.add_argument("--neuron-selection", choices=("paper", "attribution"), default=None,
-                   help="attribution scale: the interpretable-neuron-editing pipeline (paper: 50 FFN value + 50 attention "
-                   "value + 50 FFN query candidates -> <start> filter -> causal selection of --k (50) on dev prompts; "
-                   "default with --method mask) or the top --k (8) attribution FFN neurons (attribution; default otherwise)")
-    p.add_argument("--causal-mode", choices=("independent", "greedy", "joint"), default=None,
-                   help="--neuron-selection paper: the paper's rule (independent, default: the k best single masks), greedy, "
-                   "or joint (the set whose masking together lowers the renormalised gap with the pronoun mass kept)")
+    _add_selection_args(p)
     p.add_argument("--drop", choices=("attention", "mlp"), default=None, help="LFTF ablation: w/o attention or MLP")
     p.add_argument("--nesting", choices=("flat", "msme"), default=None,
                    help="module/row/neuron scales: flat (default: the all-layer FFN-down module scan, top --k) or msme "
@@ -150,6 +144,17 @@ def _add_method_args(p: argparse.ArgumentParser, modes: tuple[str, ...], hint_lo
     p.add_argument("--retention-loss", choices=("mean_prob_kl", "token_kl"), default=None,
                    help="--method editor: retention loss (default mean_prob_kl, the reference's; token_kl = KL to the "
                    "unedited next-token distributions)")
+
+
+def _add_selection_args(p: argparse.ArgumentParser) -> None:
+    """``--scale attribution`` neuron selection flags (the paper pipeline or the attribution ranking)."""
+    p.add_argument("--neuron-selection", choices=("paper", "attribution"), default=None,
+                   help="attribution scale: the interpretable-neuron-editing pipeline (paper: 50 FFN value + 50 attention "
+                   "value + 50 FFN query candidates -> <start> filter -> causal selection of --k (50) on dev prompts; "
+                   "default with --method mask) or the top --k (8) attribution FFN neurons (attribution; default otherwise)")
+    p.add_argument("--causal-mode", choices=("independent", "greedy", "joint"), default=None,
+                   help="--neuron-selection paper: the paper's rule (independent, default: the k best single masks), greedy, "
+                   "or joint (the set whose masking together lowers the renormalised gap with the pronoun mass kept)")
 
 
 def _add_contrastive_args(p: argparse.ArgumentParser, modes: tuple[str, ...]) -> None:
