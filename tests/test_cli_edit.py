@@ -297,3 +297,20 @@ def test_neuron_selection_flags_are_checked(argv, msg, base_dir, capsys):
     assert main(["edit", *argv, "--model", str(base_dir)]) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
+
+
+def test_paper_selection_that_keeps_nothing_exits_3_and_writes_nothing(base_dir, tmp_path, capsys, monkeypatch):
+    """A causal selection with no neuron: no edit, the model unchanged, exit 3 with the reason, no folder."""
+    import bias_lens.pipeline.driver as drv
+
+    empty = LocateResult("causal", ["L0N1", "L1H0V2"], torch.tensor([0.1, 0.2], dtype=torch.float64),
+                         extras={"selected": [], "selection": {"filtered": ["L0N1", "L1H0V2"]}})
+    monkeypatch.setattr(drv, "_paper_neurons", lambda lm, prompts, plan: empty)
+    out = tmp_path / "none"
+    capsys.readouterr()
+    assert main(["edit", "--scale", "attribution", "--method", "mask", "--model", str(base_dir), "--out", str(out),
+                 "--json", *MEASURE]) == 3
+    cap = capsys.readouterr()
+    res = json.loads(cap.out)
+    assert res["n_params_edited"] == 0 and res["after"] == res["before"] and res["out"] is None
+    assert "kept none of the 2 candidates" in cap.err and not out.exists()

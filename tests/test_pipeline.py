@@ -327,3 +327,25 @@ def test_paper_neuron_rows_locate_on_their_own_prompts():
     with pytest.raises(ValueError, match="attribution scale"):
         Where("module", selection="paper")
     assert Where("attribution", selection="paper").k_eff == 50 and Where("attribution").k_eff == 8
+
+
+def test_paper_neuron_row_runs_in_the_main_job(env):
+    """The joint paper row through ``run_pipeline``: located by the driver on the row's own prompts (not the
+    stage's attribution result), every stage recorded, the labels its selection, the model restored."""
+    from bias_lens.pipeline.config import PAPER_NEURON_ROW
+
+    lm, folder, tmp = env
+    before = {n: p.detach().clone() for n, p in lm.hf.named_parameters()}
+    cfg = RunConfig.quick_preset(
+        model=str(folder), n_locate=6, n_train=8, max_steps=2, rows=(EditPlan(Prompt(), name="PB"), PAPER_NEURON_ROW),
+        causal_candidates=4, causal_k=2, eval_limits={"genbiaseval": 8, "retention": 8},
+        row_limits={"genbiaseval": 8, "genhinteval": 6, "retention": 8}, batch_size=8)
+    out = run_pipeline(cfg, tmp / "out", progress=False, lm=lm)
+    assert all(torch.equal(p, before[n]) for n, p in lm.hf.named_parameters())
+    row = json.loads((out / "results.json").read_text())["rows"][1]
+    sel = row["info"]["neuron_selection"]
+    assert sel["causal_variant"].startswith("joint") and row["labels"] == sel["selected"][:50]
+    assert sel["candidates"] and sel["n_dev"] > 0 and sel["n_hint"] > 0
+    assert (row["n_changed"] > 0) == bool(sel["selected"])
+    if not sel["selected"]:
+        assert row["info"]["status"] == "empty_selection" and row["metrics"] == row["before"]

@@ -471,6 +471,10 @@ def unchanged_reason(rec: EditRecord) -> str | None:
         key = next((k for k in hist[0] if k.startswith("dev_") and k not in ("dev_ub", "dev_mass")), "dev_afgb")
         return (f"early stopping kept step 0: no accepted step lowered {key} below {hist[0].get(key, float('nan')):.4f}, "
                 "so 0 weights changed")
+    if status == "empty_selection":
+        n = len((rec.info.get("neuron_selection") or {}).get("filtered", []))
+        return (f"causal selection kept none of the {n} candidates (no mask lowered the dev bias within the "
+                "retention limits), so 0 weights changed")
     return f"the edit changed 0 weights (fine-tuning status {status})"
 
 

@@ -447,6 +447,15 @@ def compute_edit(lm: LensModel, plan: EditPlan, mask: ParamMask | None, train: l
     return fn(lm, plan.method, mask, EditData(train, dev, plan))
 
 
+def _nothing_selected(lm, plan: EditPlan, located: LocateResult, limits, before, batch_size: int) -> EditRun:
+    """The record of a paper-pipeline plan whose causal selection kept no neuron: no edit, 0 weights
+    changed (``bias-lens edit`` exits 3 on it; the main job reports the row as unchanged)."""
+    before = dict(before) if before is not None else measure(lm, limits, batch_size=batch_size)
+    info = {"status": "empty_selection", **located_chain(plan, located)}
+    log.warning("%s: causal selection kept none of the %d candidates; nothing to mask", plan.label, len(located.labels))
+    return EditRun(EditRecord(plan.label, plan.to_dict(), before, dict(before), 0, 0, [], info), None, None, located)
+
+
 def apply_plan(lm: LensModel, plan: EditPlan, located: LocateResult | None = None, *, limits: dict[str, int | None], before: dict[str, float] | None = None,
                batch_size: int = 32, locate_fn: Callable | None = None, prefix_cache: PrefixCache | None = None) -> EditRun:
     """Run ``plan`` on ``lm`` (see the module docstring); the edit is left applied on return.
@@ -461,6 +470,8 @@ def apply_plan(lm: LensModel, plan: EditPlan, located: LocateResult | None = Non
     if plan.where is not None:
         if located is None:
             located = (locate_fn or locate)(lm, plan, _sample(train, N_LOCATE, plan.seed))
+        if plan.where.selection == "paper" and not located.extras.get("selected"):
+            return _nothing_selected(lm, plan, located, limits, before, batch_size)
         mask = build_mask(lm, plan, located)
         labels = located_labels(plan, located)
     before = dict(before) if before is not None else measure(lm, limits, batch_size=batch_size)

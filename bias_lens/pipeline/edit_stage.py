@@ -73,7 +73,7 @@ def run_row(lm: LensModel, cfg: RunConfig, row: EditPlan, results: dict[str, Any
         return rec
     located = located_for(row, results)
     locate_fn = None
-    if row.where is not None and located is None:  # neuron closed form: entries of the located module
+    if row.scale == "neuron" and located is None:  # neuron closed form: entries of the located module
         from .driver import entries_of
 
         locate_fn = entries_of(results["module_edit"].top_labels(1)[0])
