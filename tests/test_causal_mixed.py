@@ -263,7 +263,11 @@ def test_paper_selection_equals_its_stages_and_the_edit(tiny_llama):
     assert sum(c["by_kind"]["candidates"].values()) == c["candidates"]
     assert c["by_kind"]["candidates"]["attn-value"] == 4  # value neurons never collide with FFN labels
     assert sel.to_dict()["counts"] == c
-    if sel.selected:  # the edit masks exactly the selected neurons
+    if sel.selected:  # the edit masks exactly the selected neurons; their Table 2 rides along
+        from bias_lens.locate.projection import neuron_vocab_projection
+
+        assert sel.causal.extras["projection"] == neuron_vocab_projection(lm, sel.selected, k=10)
+        assert sel.to_dict()["projection"] == sel.causal.extras["projection"]
         ed = neuron_editing(lm, [], [], ts, scale=0.5, selection=sel)
         ref = neuron_mask_edit(lm, sel.selected, scale=0.5)
         assert ed.edit.counts() == ref.counts() and all(torch.equal(ed.edit.values[n], ref.values[n]) for n in ref.values)

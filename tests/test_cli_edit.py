@@ -271,6 +271,9 @@ def test_attribution_mask_runs_the_paper_pipeline_and_masks_its_selection(base_d
     assert sel["selected"] == ref.selected and sel["candidates"] == ref.candidates and sel["general"] == ref.general
     assert sel["causal_variant"].startswith("joint") and sel["causal_variant"].endswith("ub>=base-0.05")
     assert 1 <= len(ref.selected) <= 4 and sel["n_hint"] == N_PAPER_HINT
+    from bias_lens.locate.projection import neuron_vocab_projection
+
+    assert sel["projection"] == neuron_vocab_projection(lm, ref.selected, k=10)  # Table 2 of the selection
     base, edited = _state(base_dir), _state(out)
     expect = {k: v.clone() for k, v in base.items()}
     d_head = lm.d_head

@@ -14,6 +14,10 @@ arXiv 2501.14457 edits bias neurons in three stages, run here on the project's o
    mask each remaining candidate, keep the ``k`` (50) that cut AFGB most without raising the
    retention perplexity by more than ``max_ppl_increase``.
 
+The selected neurons' vocabulary projection (the paper's Table 2,
+:func:`bias_lens.locate.projection.neuron_vocab_projection`, top / bottom 10 tokens) is kept as the
+causal result's ``extras["projection"]``.
+
 :func:`paper_selection` returns a :class:`NeuronSelection` with every stage's labels and counts;
 the masking edit of the selected neurons is :func:`bias_lens.edit.neuron_masking.neuron_editing`
 (locate never imports edit). :func:`matched_random` draws the control set: the same number of
@@ -78,7 +82,7 @@ class NeuronSelection:
                 "filtered": list(self.filtered), "selected": list(self.selected), "counts": self.counts(),
                 "start_token": self.start_token, "min_frac": self.min_frac, "causal_variant": c.variant,
                 "afgb_base": c.extras["afgb_base"], "ppl_base": c.extras["ppl_base"], "retention": c.extras["retention"],
-                "per_candidate": per, **self._joint(c)}
+                "per_candidate": per, "projection": c.extras.get("projection", {}), **self._joint(c)}
 
     @staticmethod
     def _joint(c: LocateResult) -> dict[str, Any]:
@@ -136,6 +140,10 @@ def paper_selection(
     causal = causal_selection(lm, filt.labels, dev_prompts, ts, k=k, max_ppl_increase=max_ppl_increase, mode=mode,
                               texts=texts, max_rows=max_rows, progress=progress, min_mass_ratio=min_mass_ratio,
                               value=value, hint=hint)
+    if causal.extras["selected"]:  # the paper's Table 2 for the selection, kept with the result
+        from .projection import neuron_vocab_projection
+
+        causal.extras["projection"] = neuron_vocab_projection(lm, causal.extras["selected"], k=10)
     general = [lab for lab in cand.labels if lab not in set(filt.labels)]
     return NeuronSelection(list(cand.labels), list(cand.extras["kind"]), n_dup, general, list(filt.labels),
                            list(causal.extras["selected"]), causal, stats.start_token, min_frac)
