@@ -48,7 +48,7 @@ def render(fig: Path = FIG) -> str:
     for suite, e in res["evaluate"].items():
         out.append(f"| {suite} | {e['n']} | {_metrics_line(e['metrics'])} |")
     results: dict = {p.stem: LocateResult.load(p) for p in sorted((fig / "locate").glob("*.json"))
-                     if p.stem not in ("circuit", "agreement")}
+                     if p.stem not in ("circuit", "agreement", "projection")}  # plain dicts, not LocateResults
     if (fig / "locate" / "agreement.json").exists():  # a plain dict (locate.agreement.Agreement.to_dict)
         results["agreement"] = json.loads((fig / "locate" / "agreement.json").read_text())
     out += ["", "**Located** (200 GenBiasEval train prompts; top 5 per method):", "", *_locate_summary(results), "",

@@ -73,5 +73,5 @@ def projection_table(tokens: dict[str, dict[str, list[str]]], *, scores: dict[st
     fig = go.Figure(go.Table(header={"values": head, "align": "left"}, cells={"values": cols, "align": "left"},
                              columnwidth=[1] + ([1] if scores else []) + [4, 4]))
     fig.update_layout(title=title or "Neuron vocabulary projection (top / bottom tokens)",
-                      height=120 + 28 * len(labels), margin={"l": 10, "r": 10, "t": 50, "b": 10})
+                      height=140 + 60 * len(labels), margin={"l": 10, "r": 10, "t": 50, "b": 10})
     return fig
