@@ -131,12 +131,12 @@ def _sweep(lm, path: Path, ns: list[int], scales: list[float], batch_size: int) 
 JOINT_LIMITS = {**LIMITS, "stereoset": 96, "mmlu": 1}
 
 
-def _with_commonwords(lm, m: dict) -> dict:
-    """``m`` plus CommonWords test (renormalised bias, mass) of the model as it is now."""
+def _commonwords(lm) -> dict:
+    """CommonWords test (renormalised bias, mass, raw bias) of the model as it is now."""
     from bias_lens.benchmarks import evaluate
 
     cw = evaluate(lm, "commonwords", "test").metrics
-    return {**m, "cw_bias_renorm": float(cw["bias_renorm"]), "cw_mass": float(cw["mass"]), "cw_bias": float(cw["bias"])}
+    return {"cw_bias_renorm": float(cw["bias_renorm"]), "cw_mass": float(cw["mass"]), "cw_bias": float(cw["bias"])}
 
 
 def shift_floor(lm, prompts: list[str]) -> dict:
@@ -148,7 +148,7 @@ def shift_floor(lm, prompts: list[str]) -> dict:
     p = target_probs(lm, prompts, resolve_targets(lm.tokenizer, "he,she")).double()
     d = p[:, 0].log() - p[:, 1].log()
     cs = torch.arange(-400, 401, dtype=torch.float64) / 100
-    r = torch.stack([renorm_gap(d + c) for c in cs])
+    r = renorm_gap(d[None] + cs[:, None])
     i = int(r.argmin())
     return {"n": len(prompts), "afgb_renorm": float(renorm_gap(d)), "floor": float(r[i]), "shift": float(cs[i]),
             "signed_renorm": float(torch.tanh(d / 2).mean())}
@@ -158,7 +158,7 @@ def _joint_row(lm, edit, batch_size: int) -> dict:
     """``_measured`` on ``JOINT_LIMITS`` plus CommonWords test, ``edit`` applied for both and undone."""
     handle = edit.apply_(lm)
     try:
-        cw = _with_commonwords(lm, {})
+        cw = _commonwords(lm)
     finally:
         handle.undo()
     return {**_measured(lm, edit, JOINT_LIMITS, batch_size), **cw}
@@ -174,11 +174,10 @@ def _commonwords_dev(n: int) -> list[str]:
 
 def _joint(lm, path: Path, scales: list[float], batch_size: int, cw_dev: int = 0) -> None:
     """Joint causal selection (``mode="joint"``, UB guard on the driver's 32 GenHintEval dev prompts) of the run's
-    filtered candidates on the same dev prompts, per scale; each selection, and a matched random control, measured on the test splits (``JOINT_LIMITS`` +
-    CommonWords test); the uniform-shift floor of AFGB-r on dev and test. Added to ``--out`` as ``joint``."""
+    filtered candidates on the same dev prompts, per scale; each selection, and a matched random control,
+    measured on the test splits (``JOINT_LIMITS`` + CommonWords test); the uniform-shift floor of AFGB-r on dev and test. Added to ``--out`` as ``joint``."""
     from bias_lens.benchmarks import load_split
     from bias_lens.locate.causal import causal_selection
-
     from bias_lens.pipeline.driver import N_PAPER_HINT, _sample
 
     out = json.loads(path.read_text())
@@ -194,7 +193,7 @@ def _joint(lm, path: Path, scales: list[float], batch_size: int, cw_dev: int = 0
         res["floor"] = {"dev": shift_floor(lm, dev),
                         "test": shift_floor(lm, [r["prompt"] for r in load_split("genbiaseval", "test")])}
     if "before" not in res["rows"]:
-        res["rows"]["before"] = _with_commonwords(lm, measure(lm, JOINT_LIMITS, batch_size=batch_size))
+        res["rows"]["before"] = {**measure(lm, JOINT_LIMITS, batch_size=batch_size), **_commonwords(lm)}
     atomic_write_text(path, json.dumps(out, indent=1, default=str))
     for scale in scales:
         t = time.perf_counter()
